@@ -1,0 +1,113 @@
+"""Model hyperparameters, shared by the model and every memory policy.
+
+This module imports nothing from the package, so that every room (policies, model, training, cli)
+can read the configuration without creating an import cycle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build a :class:`~expire_span.MemoryTransformer`.
+
+    The first group describes the Transformer, the second the stream (``block_len`` = M,
+    ``max_span`` = L), the last the memory policies' own hyperparameters. A policy reads only the
+    fields it needs; the others are ignored (and recorded, so a run states what it used).
+    """
+
+    vocab_size: int
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_inner: int | None = None
+    """Feed-forward width; ``None`` means ``4 * d_model``."""
+    dropout: float = 0.0
+    pre_norm: bool = True
+    rope_base: float = 10000.0
+    """Base of the rotary position embedding, applied at each state's absolute step."""
+    tie_embeddings: bool = False
+
+    block_len: int = 64
+    """M: tokens per block; memory is updated (and pruned) after every block."""
+    max_span: int = 1024
+    """L: the longest a memory may live (Expire-Span) or the window (Transformer-XL)."""
+    memory: str = "expire-span"
+    """Name of the memory policy (see :func:`expire_span.policies.available_policies`)."""
+
+    ramp: int = 32
+    """R: length of the soft ramp of the expiration mask (Expire-Span, Adaptive-Span)."""
+    alpha: float = 1e-6
+    """Coefficient of the Expire-Span auxiliary loss on the spans."""
+    init_percentage: float = 0.1
+    """p: every span starts at p * L (bias = logit(p), weights = 0)."""
+    pre_div: float = 1.0
+    """c: the span predictor sees h / c, keeping the sigmoid out of saturation for large L."""
+    noisy: bool = False
+    """Random span shortening during training: spans clamped to u * L, u ~ U(0, 1) per block."""
+    prune_expired: bool = True
+    """Delete memories no future query can attend; False keeps them (masked) up to L + R steps."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def inner_dim(self) -> int:
+        return self.d_inner if self.d_inner is not None else 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+        positive = ("vocab_size", "d_model", "n_layers", "n_heads", "block_len", "max_span")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.d_inner is not None and self.d_inner < 1:
+            raise ValueError(f"ModelConfig.d_inner must be positive or None, got {self.d_inner!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"the head dimension d_model / n_heads = {self.head_dim} must be even "
+                "(rotary position embeddings rotate pairs of channels)"
+            )
+        if self.max_span < self.block_len:
+            raise ValueError(
+                f"max_span (L={self.max_span}) must be at least block_len (M={self.block_len})"
+            )
+        if not isinstance(self.ramp, int) or isinstance(self.ramp, bool) or self.ramp <= 0:
+            raise ValueError(f"ramp (R) must be a positive integer, got {self.ramp!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha!r}")
+        if not 0.0 < self.init_percentage < 1.0:
+            raise ValueError(f"init_percentage must be in (0, 1), got {self.init_percentage!r}")
+        if self.pre_div <= 0:
+            raise ValueError(f"pre_div must be > 0, got {self.pre_div!r}")
+        if self.rope_base <= 1:
+            raise ValueError(f"rope_base must be > 1, got {self.rope_base!r}")
+        if not isinstance(self.memory, str) or not self.memory:
+            raise ValueError(f"memory must be a policy name, got {self.memory!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Build from a mapping, rejecting unknown keys (a typo must not be silently ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
+        return cls(**values)

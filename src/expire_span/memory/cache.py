@@ -1,0 +1,173 @@
+"""The memory a layer carries from one block to the next.
+
+A memory is a set of detached past hidden states, each tagged with the absolute step of the token
+that produced it. Positions are always derived from these steps, never from an index in the cache,
+so memories can be removed from anywhere without shifting the others.
+
+Samples of a batch may keep different numbers of memories. The cache stays rectangular by padding:
+each sample's kept memories are packed to the left (in step order) and the row is padded up to the
+longest row of the batch; ``valid`` marks the real entries. Padding costs compute (attention over
+``max`` instead of ``mean`` kept memories) but never keeps an expired memory alive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LayerMemory:
+    """One layer's memory.
+
+    Attributes:
+        hidden: ``[B, N, D]`` detached hidden states (the layer's input at those steps).
+        steps: ``[B, N]`` int64 absolute step of each state.
+        valid: ``[B, N]`` bool, False for padding.
+
+    Policies that keep more than this (e.g. a compressed memory) subclass it and add fields;
+    tensor fields and nested ``LayerMemory`` fields are saved, moved and reset generically.
+    """
+
+    hidden: Tensor
+    steps: Tensor
+    valid: Tensor
+
+    @classmethod
+    def empty(
+        cls, batch_size: int, d_model: int, device: torch.device | str, dtype: torch.dtype
+    ) -> LayerMemory:
+        return cls(
+            hidden=torch.zeros(batch_size, 0, d_model, device=device, dtype=dtype),
+            steps=torch.zeros(batch_size, 0, dtype=torch.long, device=device),
+            valid=torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def width(self) -> int:
+        """Slots per sample, padding included."""
+        return self.hidden.shape[1]
+
+    def counts(self) -> Tensor:
+        """``[B]`` number of real memories each sample holds."""
+        return self.valid.sum(dim=1)
+
+    def append(self, hidden: Tensor, steps: Tensor) -> LayerMemory:
+        """This memory followed by new states (all valid); ``steps`` is ``[T]`` or ``[B, T]``."""
+        batch, length = hidden.shape[:2]
+        steps = steps.expand(batch, length) if steps.dim() == 1 else steps
+        valid = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
+        return LayerMemory(
+            hidden=torch.cat([self.hidden, hidden], dim=1),
+            steps=torch.cat([self.steps, steps], dim=1),
+            valid=torch.cat([self.valid, valid], dim=1),
+        )
+
+    def select(self, keep: Tensor) -> LayerMemory:
+        """Keep the entries where ``keep`` (``[B, N]`` bool) holds, packed left, in step order.
+
+        The result is as wide as the sample that keeps the most; other rows are padded.
+        """
+        keep = keep & self.valid
+        if bool(keep.all()):
+            return LayerMemory(self.hidden, self.steps, self.valid)
+        counts = keep.sum(dim=1)
+        width = int(counts.max()) if counts.numel() else 0
+        # A stable sort of "not kept" moves kept entries to the front without reordering them.
+        order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :width]
+        hidden = self.hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, self.hidden.shape[-1]))
+        slots = torch.arange(width, device=keep.device)
+        return LayerMemory(
+            hidden=hidden,
+            steps=self.steps.gather(1, order),
+            valid=slots.unsqueeze(0) < counts.unsqueeze(1),
+        )
+
+    def reset(self, samples: Tensor) -> LayerMemory:
+        """Forget everything for the samples where ``samples`` (``[B]`` bool) holds."""
+        changes: dict[str, object] = {"valid": self.valid & ~samples.unsqueeze(1)}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, LayerMemory):
+                changes[field.name] = value.reset(samples)
+        return dataclasses.replace(self, **changes)
+
+    def tensors(self, prefix: str = "") -> dict[str, Tensor]:
+        """Flat ``name -> tensor`` view (for saving with safetensors)."""
+        out: dict[str, Tensor] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, LayerMemory):
+                out.update(value.tensors(f"{prefix}{field.name}."))
+            elif isinstance(value, Tensor):
+                out[f"{prefix}{field.name}"] = value
+        return out
+
+    def with_tensors(self, tensors: dict[str, Tensor], prefix: str = "") -> LayerMemory:
+        """A memory of the same structure as this one, filled from :meth:`tensors` output."""
+        changes: dict[str, object] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            key = f"{prefix}{field.name}"
+            if isinstance(value, LayerMemory):
+                changes[field.name] = value.with_tensors(tensors, f"{key}.")
+            elif isinstance(value, Tensor):
+                if key not in tensors:
+                    raise KeyError(f"memory tensor {key!r} is missing")
+                changes[field.name] = tensors[key].to(device=value.device, dtype=value.dtype)
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class Memory:
+    """The memory of a whole model: one :class:`LayerMemory` per layer.
+
+    Attributes:
+        layers: per-layer memories.
+        next_step: absolute step of the next token of the stream (shared by the batch).
+        policy: name of the policy that made it (a memory is not portable across policies).
+    """
+
+    layers: list[LayerMemory]
+    next_step: int
+    policy: str
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].batch_size
+
+    @property
+    def sizes(self) -> Tensor:
+        """``[n_layers, B]`` number of memories each layer holds for each sample."""
+        return torch.stack([layer.counts() for layer in self.layers])
+
+    def reset(self, samples: Tensor) -> Memory:
+        """Forget everything for the given samples (``[B]`` bool), e.g. at episode boundaries."""
+        samples = samples.to(device=self.layers[0].valid.device, dtype=torch.bool)
+        if samples.shape != (self.batch_size,):
+            raise ValueError(
+                f"reset mask must have shape [{self.batch_size}], got {list(samples.shape)}"
+            )
+        return Memory([layer.reset(samples) for layer in self.layers], self.next_step, self.policy)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Flat tensors (safetensors-ready); ``next_step`` is stored as a 0-d tensor."""
+        out = {"next_step": torch.tensor(self.next_step, dtype=torch.long)}
+        for index, layer in enumerate(self.layers):
+            out.update(layer.tensors(f"layers.{index}."))
+        return out
+
+    def load_state_dict(self, tensors: dict[str, Tensor]) -> Memory:
+        """A memory shaped like this one (same policy structure) holding the saved tensors."""
+        layers = [
+            layer.with_tensors(tensors, f"layers.{index}.")
+            for index, layer in enumerate(self.layers)
+        ]
+        return Memory(layers, int(tensors["next_step"]), self.policy)

@@ -1,0 +1,87 @@
+"""Multi-head attention over [memory; block] with rotary positions at absolute steps.
+
+Rotary embeddings (RoPE) rotate each query and key by an angle proportional to its absolute step,
+so a score depends only on the distance between the two steps. Distances therefore stay right
+however many memories were removed in between, and no position table bounds the span.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from expire_span.config import ModelConfig
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates channel pairs ``(x[:d/2], x[d/2:])`` by ``position * base^(-2k/d)``."""
+
+    inv_freq: Tensor
+
+    def __init__(self, head_dim: int, base: float) -> None:
+        super().__init__()
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+        self.register_buffer("inv_freq", (base**-exponents).float(), persistent=False)
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        """``x``: ``[B, H, N, d]``; ``positions``: float, broadcastable to ``[B, 1, N]``."""
+        angles = positions.unsqueeze(-1) * self.inv_freq  # [..., N, d/2]
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        first, second = x.chunk(2, dim=-1)
+        return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
+class MultiHeadAttention(nn.Module):
+    """Queries from the block, keys and values from [memory; block], plus an additive bias."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.query = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.key_value = nn.Linear(config.d_model, 2 * config.d_model, bias=False)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_base)
+        self.dropout = config.dropout
+
+    def _heads(self, x: Tensor) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        query_inputs: Tensor,
+        key_inputs: Tensor,
+        query_steps: Tensor,
+        key_steps: Tensor,
+        bias: Tensor,
+    ) -> Tensor:
+        """Attend.
+
+        Args:
+            query_inputs: ``[B, T, D]``.
+            key_inputs: ``[B, N, D]``.
+            query_steps: ``[T]`` int64 absolute steps of the queries.
+            key_steps: ``[B, N]`` int64 absolute steps of the keys.
+            bias: ``[B, 1 or H, T, N]`` additive scores (``-inf`` hides a key).
+
+        Returns:
+            ``[B, T, D]``.
+        """
+        # Steps are made relative to the first query so angles stay small and exact in float32.
+        origin = query_steps[0]
+        query_pos = (query_steps - origin).to(torch.float32)
+        key_pos = (key_steps - origin).to(torch.float32).unsqueeze(1)  # [B, 1, N]
+        q = self.rotary(self._heads(self.query(query_inputs)), query_pos)
+        keys, values = self.key_value(key_inputs).chunk(2, dim=-1)
+        k = self.rotary(self._heads(keys), key_pos)
+        v = self._heads(values)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim) + bias
+        probs = torch.softmax(scores, dim=-1)
+        probs = F.dropout(probs, p=self.dropout, training=self.training)
+        out = torch.matmul(probs, v)  # [B, H, T, d]
+        batch, _, length, _ = out.shape
+        return self.out(out.transpose(1, 2).reshape(batch, length, -1))

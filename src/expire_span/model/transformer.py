@@ -1,0 +1,228 @@
+"""A decoder-only Transformer that reads a stream in blocks and carries a memory between them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from expire_span.config import ModelConfig
+from expire_span.memory import LayerMemory, Memory
+from expire_span.model.attention import MultiHeadAttention
+from expire_span.policies import BlockContext, build_policy
+
+
+@dataclass
+class ModelOutput:
+    """Result of :meth:`MemoryTransformer.forward`.
+
+    Attributes:
+        logits: ``[B, T, V]`` next-token scores.
+        memory: the memory to pass to the next call (detached).
+        aux_loss: scalar auxiliary loss of the memory policies (mean per query, summed over layers).
+        memory_size: ``[n_layers]`` average number of earlier steps each query attended to
+            (with non-zero weight), per layer: the paper's "average memory size".
+    """
+
+    logits: Tensor
+    memory: Memory
+    aux_loss: Tensor
+    memory_size: Tensor
+
+
+@dataclass
+class LayerOutput:
+    hidden: Tensor
+    memory: LayerMemory
+    aux_loss: Tensor
+    memory_size: Tensor
+
+
+def _detach(memory: LayerMemory) -> LayerMemory:
+    return memory.with_tensors({k: v.detach() for k, v in memory.tensors().items()})
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(
+            nn.Linear(config.d_model, config.inner_dim),
+            nn.GELU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.inner_dim, config.d_model),
+        )
+
+
+class TransformerLayer(nn.Module):
+    """Attention over [memory; block] (masked by the layer's policy), then a feed-forward."""
+
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.config = config
+        self.attention = MultiHeadAttention(config)
+        self.feed_forward = FeedForward(config)
+        self.norm_attention = nn.LayerNorm(config.d_model)
+        self.norm_feed_forward = nn.LayerNorm(config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.policy = build_policy(config, index)
+
+    def forward(
+        self, hidden: Tensor, memory: LayerMemory, steps: Tensor, block_uniform: float
+    ) -> LayerOutput:
+        """Process one block: ``hidden`` ``[B, T, D]`` at absolute ``steps`` ``[T]``."""
+        queries = hidden.shape[1]
+        states = self.policy.context_states(memory, hidden, steps)
+        inputs = self.norm_attention(states.hidden) if self.config.pre_norm else states.hidden
+        age = steps.view(1, -1, 1) - states.steps.unsqueeze(1)  # [B, T, N]
+        visible = states.valid.unsqueeze(1) & (age >= 0)
+        context = BlockContext(states, inputs, age, visible, int(steps[-1]) + 1, block_uniform)
+        decision = self.policy.decide(context)
+
+        bias = torch.zeros_like(age, dtype=inputs.dtype).masked_fill(~visible, float("-inf"))
+        bias = bias.unsqueeze(1)
+        if decision.bias is not None:
+            bias = bias + decision.bias
+        attended = self.attention(inputs[:, -queries:], inputs, steps, states.steps, bias)
+        with torch.no_grad():  # earlier steps seen with non-zero weight (the query itself excluded)
+            memory_size = (bias > float("-inf")).sum(-1).float().mean() - 1.0
+
+        if self.config.pre_norm:
+            hidden = hidden + self.dropout(attended)
+            hidden = hidden + self.dropout(self.feed_forward(self.norm_feed_forward(hidden)))
+        else:
+            hidden = self.norm_attention(hidden + self.dropout(attended))
+            hidden = self.norm_feed_forward(hidden + self.dropout(self.feed_forward(hidden)))
+        new_memory = _detach(self.policy.update(context, decision))
+        return LayerOutput(hidden, new_memory, decision.aux_loss, memory_size)
+
+
+class MemoryTransformer(nn.Module):
+    """Decoder-only Transformer with a per-layer memory chosen by ``config.memory``.
+
+    Calls may have any length T >= 1: the tokens are processed in blocks of ``block_len`` (the
+    last one possibly shorter), the memory being updated, pruned and detached after each block.
+    Block calls, token-by-token calls and one long call give the same outputs in eval mode.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(TransformerLayer(config, i) for i in range(config.n_layers))
+        self.norm_out = nn.LayerNorm(config.d_model) if config.pre_norm else nn.Identity()
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self._init_weights()
+        if config.tie_embeddings:
+            self.head.weight = self.embedding.weight
+
+    def _init_weights(self) -> None:
+        """GPT-style: N(0, 0.02), residual projections scaled by 1 / sqrt(2 n_layers)."""
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        nn.init.normal_(self.head.weight, std=0.02)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for layer in self.layers:
+            for module in (layer.attention, layer.feed_forward):
+                for sub in module.modules():
+                    if isinstance(sub, nn.Linear):
+                        nn.init.normal_(sub.weight, std=0.02)
+                        if sub.bias is not None:
+                            nn.init.zeros_(sub.bias)
+            nn.init.normal_(layer.attention.out.weight, std=residual_std)
+            nn.init.normal_(layer.feed_forward[-1].weight, std=residual_std)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    def init_memory(self, batch_size: int) -> Memory:
+        """An empty memory for a batch of ``batch_size`` streams, starting at step 0."""
+        dtype = self.embedding.weight.dtype
+        layers = [
+            layer.policy.empty_memory(batch_size, self.device, dtype) for layer in self.layers
+        ]
+        return Memory(layers, next_step=0, policy=self.config.memory)
+
+    def forward(self, tokens: Tensor, memory: Memory | None = None) -> ModelOutput:
+        """Read ``tokens`` (``[B, T]`` integer ids) after ``memory`` (``None``: empty memory)."""
+        tokens = self._check_tokens(tokens)
+        batch, total = tokens.shape
+        memory = self.init_memory(batch) if memory is None else self._check_memory(memory, batch)
+        layers, next_step = list(memory.layers), memory.next_step
+        logits, aux_loss = [], tokens.new_zeros((), dtype=torch.float32)
+        memory_size = torch.zeros(len(self.layers), device=tokens.device)
+        for block in tokens.split(self.config.block_len, dim=1):
+            length = block.shape[1]
+            steps = torch.arange(next_step, next_step + length, device=tokens.device)
+            block_uniform = float(torch.rand(())) if self.training else 0.5
+            hidden = self.dropout(self.embedding(block))
+            for index, layer in enumerate(self.layers):
+                result = layer(hidden, layers[index], steps, block_uniform)
+                hidden, layers[index] = result.hidden, result.memory
+                aux_loss = aux_loss + result.aux_loss * (length / total)
+                memory_size[index] += result.memory_size * (length / total)
+            logits.append(self.head(self.norm_out(hidden)))
+            next_step += length
+        return ModelOutput(
+            logits=torch.cat(logits, dim=1),
+            memory=Memory(layers, next_step, self.config.memory),
+            aux_loss=aux_loss,
+            memory_size=memory_size,
+        )
+
+    def after_optimizer_step(self) -> None:
+        """Let policies project their parameters back into range (trainers call this)."""
+        for layer in self.layers:
+            layer.policy.after_optimizer_step()
+
+    def _check_tokens(self, tokens: Tensor) -> Tensor:
+        if not isinstance(tokens, Tensor):
+            raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must hold integer ids, got dtype {tokens.dtype}")
+        if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
+            raise ValueError(f"tokens must have shape [B, T] with B, T >= 1, got {list(tokens.shape)}")
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(
+                f"token ids must be in [0, {self.config.vocab_size}), got values in [{low}, {high}]"
+            )
+        return tokens.to(device=self.device, dtype=torch.long)
+
+    def _check_memory(self, memory: Memory, batch: int) -> Memory:
+        if not isinstance(memory, Memory):
+            raise TypeError(f"memory must be an expire_span.Memory or None, got {type(memory)}")
+        if memory.policy != self.config.memory:
+            raise ValueError(
+                f"memory was made by policy {memory.policy!r}, this model uses "
+                f"{self.config.memory!r}"
+            )
+        if len(memory.layers) != len(self.layers):
+            raise ValueError(
+                f"memory has {len(memory.layers)} layers, this model has {len(self.layers)}"
+            )
+        if memory.batch_size != batch:
+            raise ValueError(
+                f"memory is for a batch of {memory.batch_size}, tokens have batch size {batch}"
+            )
+        width = memory.layers[0].hidden.shape[-1]
+        if width != self.config.d_model:
+            raise ValueError(f"memory states have width {width}, this model has d_model "
+                             f"{self.config.d_model}: the memory comes from another model")
+        if memory.layers[0].hidden.device != self.device:
+            raise ValueError(
+                f"memory is on {memory.layers[0].hidden.device}, the model on {self.device}"
+            )
+        return memory
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Mean next-token loss over the positions where ``weights`` is non-zero (all if None)."""
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    if weights is None:
+        return losses.mean()
+    weights = weights.flatten().to(losses.dtype)
+    return (losses * weights).sum() / weights.sum().clamp_min(1.0)

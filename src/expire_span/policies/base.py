@@ -1,0 +1,100 @@
+"""The contract between a Transformer layer and its memory policy.
+
+For every block the layer builds a :class:`BlockContext` (its memory followed by the block, with
+the age of every key as seen from every query and which keys are causally visible), asks the policy
+for a :class:`MaskDecision` (an additive attention bias, an auxiliary loss and which entries to
+keep), attends, and then asks the policy for the memory to carry to the next block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from expire_span.config import ModelConfig
+from expire_span.memory import LayerMemory
+
+
+@dataclass
+class BlockContext:
+    """What a layer attends to while processing one block.
+
+    Attributes:
+        states: the memory followed by the block's own states (raw layer inputs), ``N`` entries.
+        inputs: ``[B, N, D]`` the normalised states that keys, values (and spans) are computed from.
+        age: ``[B, T, N]`` int64, query step minus key step (negative for future keys).
+        visible: ``[B, T, N]`` bool, key is a real entry and not in the query's future.
+        next_step: absolute step of the first query of the next block.
+        block_uniform: one ``U(0, 1)`` draw per block, shared by all layers, for policies that
+            randomise per block during training (0.5 outside training).
+    """
+
+    states: LayerMemory
+    inputs: Tensor
+    age: Tensor
+    visible: Tensor
+    next_step: int
+    block_uniform: float = 0.5
+
+    @property
+    def num_queries(self) -> int:
+        return self.age.shape[1]
+
+
+@dataclass
+class MaskDecision:
+    """A policy's answer for one block.
+
+    Attributes:
+        bias: ``[B, 1 or H, T, N]`` added to attention scores: 0 keeps a key at full weight,
+            ``log(m)`` scales it by ``m``, ``-inf`` hides it; ``None`` means no change. Causality
+            and padding are applied by the layer, not here.
+        aux_loss: scalar, already multiplied by its coefficient; a mean per query of the block.
+        keep: ``[B, N]`` bool, which entries of ``context.states`` stay in memory.
+    """
+
+    bias: Tensor | None
+    aux_loss: Tensor
+    keep: Tensor
+
+
+class MemoryPolicy(nn.Module):
+    """Base class of memory policies: one instance per layer.
+
+    Subclasses set :attr:`name`, implement :meth:`decide`, and may override :meth:`update`
+    (when the new memory is not a subset of the context), :meth:`empty_memory` (when it holds
+    more than hidden states) and :meth:`after_optimizer_step` (to project parameters).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_index = layer_index
+
+    def empty_memory(
+        self, batch_size: int, device: torch.device | str, dtype: torch.dtype
+    ) -> LayerMemory:
+        return LayerMemory.empty(batch_size, self.config.d_model, device, dtype)
+
+    def context_states(self, memory: LayerMemory, hidden: Tensor, steps: Tensor) -> LayerMemory:
+        """The states a block attends to: by default its memory followed by the block."""
+        return memory.append(hidden, steps)
+
+    def decide(self, context: BlockContext) -> MaskDecision:
+        raise NotImplementedError
+
+    def update(self, context: BlockContext, decision: MaskDecision) -> LayerMemory:
+        """The memory for the next block (the layer detaches it)."""
+        return context.states.select(decision.keep)
+
+    def after_optimizer_step(self) -> None:
+        """Called by trainers after every optimizer step."""
+
+    def zero(self, context: BlockContext) -> Tensor:
+        """A zero auxiliary loss on the right device and dtype."""
+        return context.inputs.new_zeros(())

@@ -1,0 +1,84 @@
+"""Expire-Span (Sukhbaatar et al., ICML 2021): every memory predicts how long it should live.
+
+The whole method, per layer (memory i created at step i, query at step t):
+
+- span: ``e_i = L * sigmoid(w . h_i / c + b)``, one predictor per layer shared by its heads, with
+  ``w = 0`` and ``b = logit(p)`` at initialisation so every span starts at ``p * L``;
+- remaining span ``r_ti = e_i - (t - i)`` and soft mask ``m_ti = clamp(1 + r_ti / R, 0, 1)``;
+- attention ``softmax(s_ti + log m_ti)`` (the layer adds the bias returned here; m = 0 is -inf);
+- auxiliary loss, on (query, memory) pairs on the ramp only (0 < m < 1):
+  ``alpha * sum (r_ti + R) / (R * T * B)``. Its gradient is the released code's (there the summed
+  term is ``r_ti``; we add the constant R so the reported value is >= 0): every ramp pair pushes its
+  memory's span down by ``alpha / (R T)``, and a memory spends about R queries on the ramp, so each
+  memory is charged about once per unit of span, averaged over the block's T queries;
+- random span shortening (``noisy``, training only): one ``u ~ U(0, 1)`` per block and
+  ``e_i <- min(e_i, u L)`` for the mask and the loss;
+- memory i is deleted once no future query can see it, i.e. when ``m`` at the next block's first
+  query is 0 (``e_i - (t_next - i) <= -R``). With ``prune_expired=False`` memories are only masked,
+  and dropped once older than ``L + R`` steps, where no span can reach.
+
+Spans are recomputed every block from the stored hidden states, so gradients reach ``w`` and ``b``
+through the mask (task loss) and through the auxiliary loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from expire_span.config import ModelConfig
+from expire_span.policies.base import BlockContext, MaskDecision, MemoryPolicy
+
+
+def expire_mask(remaining: Tensor, ramp: float) -> Tensor:
+    """``m = clamp(1 + r / R, 0, 1)``: 1 while alive, linear decay over R steps, then 0."""
+    return (1.0 + remaining / ramp).clamp(0.0, 1.0)
+
+
+def ramp_loss(remaining: Tensor, mask: Tensor, visible: Tensor, ramp: float) -> Tensor:
+    """Sum of ``r + R`` over the visible (query, memory) pairs on the ramp (0 < m < 1)."""
+    on_ramp = visible & (mask > 0) & (mask < 1)
+    return torch.where(on_ramp, remaining + ramp, torch.zeros_like(remaining)).sum()
+
+
+class ExpireSpanPolicy(MemoryPolicy):
+    name = "expire-span"
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__(config, layer_index)
+        self.span_predictor = nn.Linear(config.d_model, 1)
+        nn.init.zeros_(self.span_predictor.weight)
+        nn.init.constant_(self.span_predictor.bias, math.log(config.init_percentage) - math.log1p(
+            -config.init_percentage
+        ))
+
+    def spans(self, inputs: Tensor) -> Tensor:
+        """``[B, N]`` expire-spans ``e = L * sigmoid(w . h / c + b)`` of the given states."""
+        logits = self.span_predictor(inputs / self.config.pre_div).squeeze(-1)
+        return self.config.max_span * torch.sigmoid(logits)
+
+    def decide(self, context: BlockContext) -> MaskDecision:
+        cfg = self.config
+        spans = self.spans(context.inputs)
+        masked_spans = spans
+        if cfg.noisy and self.training:
+            limit = context.block_uniform * cfg.max_span
+            masked_spans = spans.clamp(max=limit)
+        remaining = masked_spans.unsqueeze(1) - context.age  # [B, T, N]
+        mask = expire_mask(remaining, cfg.ramp)
+        bias = mask.clamp_min(torch.finfo(mask.dtype).tiny).log()
+        bias = bias.masked_fill(mask == 0, float("-inf"))
+        batch, queries = mask.shape[:2]
+        aux = ramp_loss(remaining, mask, context.visible, cfg.ramp)
+        aux = cfg.alpha * aux / (cfg.ramp * queries * batch)
+        return MaskDecision(bias=bias.unsqueeze(1), aux_loss=aux, keep=self._keep(context, spans))
+
+    def _keep(self, context: BlockContext, spans: Tensor) -> Tensor:
+        """Entries some future query can still attend (by the true, not the noisy, spans)."""
+        next_age = context.next_step - context.states.steps
+        if not self.config.prune_expired:
+            return next_age < self.config.max_span + self.config.ramp
+        with torch.no_grad():
+            return expire_mask(spans - next_age, self.config.ramp) > 0

@@ -1,0 +1,25 @@
+"""Transformer-XL (Dai et al., 2019): a fixed window over the last L steps.
+
+Each query at step t attends to the keys at steps t - L ... t (a sliding window, so block calls and
+token-by-token calls see the same keys), and the cache keeps exactly the last L states, the ones the
+next query can still see. Cost grows linearly with L whatever the data.
+"""
+
+from __future__ import annotations
+
+from expire_span.policies.base import BlockContext, MaskDecision, MemoryPolicy
+
+
+class TransformerXLPolicy(MemoryPolicy):
+    name = "transformer-xl"
+
+    def decide(self, context: BlockContext) -> MaskDecision:
+        span = self.config.max_span
+        outside = context.age > span
+        bias = context.inputs.new_zeros(outside.shape).masked_fill(outside, float("-inf"))
+        next_age = context.next_step - context.states.steps
+        return MaskDecision(
+            bias=bias.unsqueeze(1),
+            aux_loss=self.zero(context),
+            keep=next_age <= span,
+        )

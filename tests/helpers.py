@@ -1,0 +1,48 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from expire_span import MemoryTransformer, ModelConfig
+
+
+def tiny_config(memory: str = "expire-span", **overrides) -> ModelConfig:
+    values = dict(
+        vocab_size=13,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        block_len=8,
+        max_span=24,
+        memory=memory,
+        ramp=4,
+        init_percentage=0.3,
+    )
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def tiny_model(memory: str = "expire-span", seed: int = 0, varied_spans: bool = True, **overrides):
+    """An eval-mode model; with ``varied_spans`` the span predictors get random weights so that
+    memories expire at different times (at initialisation every span is the same)."""
+    torch.manual_seed(seed)
+    model = MemoryTransformer(tiny_config(memory, **overrides))
+    if varied_spans:
+        for layer in model.layers:
+            predictor = getattr(layer.policy, "span_predictor", None)
+            if predictor is not None:
+                torch.nn.init.normal_(predictor.weight, std=1.0)
+    return model.eval()
+
+
+def stream(model: MemoryTransformer, tokens: torch.Tensor, chunk_sizes, memory=None):
+    """Feed ``tokens`` in consecutive calls of the given sizes; return logits and final memory."""
+    logits, start = [], 0
+    for size in chunk_sizes:
+        out = model(tokens[:, start : start + size], memory)
+        logits.append(out.logits)
+        memory = out.memory
+        start += size
+    assert start == tokens.shape[1]
+    return torch.cat(logits, dim=1), memory
