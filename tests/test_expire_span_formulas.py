@@ -99,7 +99,7 @@ def test_aux_loss_matches_hand_computation():
     decision = policy.decide(context_for(policy))
     total = 0.0
     for query in QUERY_STEPS:
-        for key, span in zip(STEPS, SPANS):
+        for key, span in zip(STEPS, SPANS, strict=True):
             if key <= query and 0 < hand_mask(span, query, key) < 1:
                 total += span - (query - key) + R
     expected = ALPHA * total / (R * len(QUERY_STEPS) * 1)
@@ -113,7 +113,7 @@ def test_aux_loss_gradient_touches_only_memories_on_the_ramp():
     context = context_for(policy, requires_grad=True)
     policy.decide(context).aux_loss.backward()
     grad = context.inputs.grad[0, :, 0]
-    for ki, (key, span) in enumerate(zip(STEPS, SPANS)):
+    for ki, (key, span) in enumerate(zip(STEPS, SPANS, strict=True)):
         on_ramp = any(
             key <= q and 0 < hand_mask(span, q, key) < 1 for q in QUERY_STEPS
         )
@@ -154,7 +154,7 @@ def test_keep_removes_exactly_what_no_future_query_can_see():
     set_spans_by_first_channel(policy)
     keep = policy.decide(context_for(policy)).keep[0]
     # next query at step 7: kept iff span - (7 - step) > -R
-    expected = [span - (7 - step) > -R for step, span in zip(STEPS, SPANS)]
+    expected = [span - (7 - step) > -R for step, span in zip(STEPS, SPANS, strict=True)]
     assert keep.tolist() == expected
     assert not all(expected) and any(expected)
 

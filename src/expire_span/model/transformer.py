@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from expire_span.config import ModelConfig
@@ -184,7 +183,9 @@ class MemoryTransformer(nn.Module):
         if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
             raise TypeError(f"tokens must hold integer ids, got dtype {tokens.dtype}")
         if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
-            raise ValueError(f"tokens must have shape [B, T] with B, T >= 1, got {list(tokens.shape)}")
+            raise ValueError(
+                f"tokens must have shape [B, T] with B, T >= 1, got {list(tokens.shape)}"
+            )
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= self.config.vocab_size:
             raise ValueError(
@@ -217,12 +218,3 @@ class MemoryTransformer(nn.Module):
                 f"memory is on {memory.layers[0].hidden.device}, the model on {self.device}"
             )
         return memory
-
-
-def cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Mean next-token loss over the positions where ``weights`` is non-zero (all if None)."""
-    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-    if weights is None:
-        return losses.mean()
-    weights = weights.flatten().to(losses.dtype)
-    return (losses * weights).sum() / weights.sum().clamp_min(1.0)

@@ -1,0 +1,44 @@
+"""``expire-span eval``: re-evaluate a saved run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from expire_span.tasks import SPLITS
+from expire_span.training import evaluate, load_checkpoint
+from expire_span.training.trainer import resolve_device
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="expire-span eval",
+                                     description="Evaluate a checkpoint on a split.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory, its checkpoints/ folder, or one checkpoint")
+    parser.add_argument("--split", default="valid", choices=SPLITS)
+    parser.add_argument("--batches", type=int, help="batches to read (default: the run's)")
+    parser.add_argument("--batch-size", type=int, help="streams in parallel (default: the run's)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--output", help="also write the metrics to this JSON file")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    loaded = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    train = loaded.run.train
+    metrics = evaluate(
+        loaded.model, loaded.run.build_task(), args.split,
+        batch_size=args.batch_size or train.batch_size, seq_len=loaded.run.seq_len,
+        max_batches=args.batches or train.eval_batches, progress=not args.no_progress,
+    )
+    result = {"checkpoint": str(loaded.path), "step": loaded.step, "split": args.split,
+              "task": loaded.run.task, "model": loaded.model.config.memory,
+              "max_span": loaded.model.config.max_span, "metrics": metrics}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0

@@ -1,0 +1,96 @@
+"""Command-line flags generated from configuration dataclasses.
+
+Every field of ``ModelConfig``, ``TrainConfig`` and a task's ``Options`` becomes a flag
+(``init_percentage`` -> ``--init-percentage``) whose help is the field's docstring, so the flags,
+the config files and the Python API can never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from functools import cache
+from typing import Any
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstrings written under each field of a dataclass (read from its source)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    for previous, node in zip(body, body[1:], strict=False):
+        if (
+            isinstance(previous, ast.AnnAssign)
+            and isinstance(previous.target, ast.Name)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[previous.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "null") else int(text)
+
+
+def _parser_for(annotation: Any) -> Any:
+    """argparse ``type`` for a field annotation (None for booleans)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if inner == [int]:
+            return _optional_int
+        annotation = inner[0]
+    if annotation is bool:
+        return None
+    if annotation in (int, float, str):
+        return annotation
+    raise TypeError(f"no command-line parser for fields of type {annotation!r}")
+
+
+def add_dataclass_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    section: str,
+    exclude: frozenset[str] = frozenset(),
+    aliases: dict[str, list[str]] | None = None,
+) -> None:
+    """Add one flag per field of ``cls``; parsed values land in ``args.<section>.<field>`` only
+    when given (defaults are left to the configuration layers)."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in exclude:
+            continue
+        names = [f"--{field.name.replace('_', '-')}", *(aliases or {}).get(field.name, [])]
+        default = field.default if field.default is not dataclasses.MISSING else None
+        help_text = f"{docs.get(field.name, '')} (default: {default})".strip()
+        kind = _parser_for(hints[field.name])
+        if kind is None:
+            parser.add_argument(*names, dest=f"{section}.{field.name}",
+                                action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(*names, dest=f"{section}.{field.name}", type=kind,
+                                default=argparse.SUPPRESS, metavar=field.name.upper(),
+                                help=help_text)
+
+
+def given_sections(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """``{"model": {...}, "train": {...}, ...}`` from the dotted destinations actually given."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            sections.setdefault(section, {})[name] = value
+    return sections

@@ -1,0 +1,123 @@
+"""``expire-span train``: resolve the configuration, then train."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from expire_span.cli.flags import add_dataclass_flags, given_sections
+from expire_span.config import ModelConfig
+from expire_span.tasks import available_tasks, task_class
+from expire_span.training import (
+    DEFAULT_PRESETS,
+    RunConfig,
+    TrainConfig,
+    Trainer,
+    get_preset,
+)
+from expire_span.training.config import load_config_file, merge
+
+
+def _common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", choices=available_tasks(), help="task to train on")
+    parser.add_argument("--preset", help="named hyperparameters (see `expire-span presets`); "
+                        "default: the task's CPU preset")
+    parser.add_argument("--config", help="JSON or TOML file with sections task_options, model, "
+                        "train (applied over the preset)")
+    parser.add_argument("--out", help="run directory (default: runs/<task>-<model>-<time>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its newest checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser(task: str, prog: str = "expire-span train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train a memory Transformer. Values come from the task's default preset (or "
+        "--preset), then --config, then the flags below (the defaults they show are the "
+        "library's, which presets override).",
+    )
+    _common_flags(parser)
+    add_dataclass_flags(parser.add_argument_group("model"), ModelConfig, "model",
+                        exclude=frozenset({"vocab_size"}), aliases={"memory": ["--model"]})
+    add_dataclass_flags(parser.add_argument_group("training"), TrainConfig, "train")
+    add_dataclass_flags(parser.add_argument_group(f"task {task}"), task_class(task).Options,
+                        "task_options")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace, given: dict[str, dict[str, Any]]) -> RunConfig:
+    """Defaults < preset < config file < flags."""
+    file_config = load_config_file(args.config) if args.config else {}
+    task = args.task or file_config.get("task")
+    preset_name = args.preset
+    if preset_name is None:
+        preset_name = DEFAULT_PRESETS.get(task or "copy")
+    layers: dict[str, Any] = {}
+    if preset_name is not None:
+        preset = get_preset(preset_name).config
+        if task is not None and preset.get("task", task) != task:
+            raise ValueError(f"preset {preset_name!r} is for task {preset['task']!r}, not {task!r}")
+        layers = dict(preset)
+    layers = merge(layers, file_config)
+    layers = merge(layers, {k: v for k, v in given.items() if k != "task"})
+    layers["task"] = task or layers.get("task", "copy")
+    return RunConfig.from_dict(layers)
+
+
+def _task_for_parser(argv: list[str]) -> str:
+    pre = argparse.ArgumentParser(add_help=False)
+    _common_flags(pre)
+    known, _ = pre.parse_known_args(argv)
+    if known.task:
+        return known.task
+    if known.resume and known.out:
+        return _saved_task(known.out)
+    if known.config:
+        return load_config_file(known.config).get("task", "copy")
+    if known.preset:
+        return get_preset(known.preset).config.get("task", "copy")
+    return "copy"
+
+
+def _saved_task(out: str) -> str:
+    from expire_span.training.checkpoint import load_latest_valid
+
+    return load_latest_valid(out)[0].run.task
+
+
+def run(argv: list[str]) -> int:
+    parser = build_parser(_task_for_parser(argv))
+    args = parser.parse_args(argv)
+    given = given_sections(args)
+    progress = not args.no_progress
+    if args.resume:
+        if not args.out:
+            raise ValueError("--resume needs --out, the run directory to continue")
+        fixed = sorted(f"{s}.{k}" for s in ("model", "task_options") for k in given.get(s, {}))
+        if fixed or args.preset or args.config:
+            changed = fixed + [f for f in ("--preset", "--config") if getattr(args, f[2:])]
+            raise ValueError(f"cannot change {', '.join(changed)} when resuming a run")
+        trainer = Trainer(None, args.out, resume=True, resume_overrides=given.get("train", {}),
+                          progress=progress)
+    else:
+        config = resolve_config(args, given)
+        memory = config.model.get("memory", ModelConfig.memory)
+        out = args.out or f"runs/{config.task}-{memory}-{time.strftime('%Y%m%d-%H%M%S')}"
+        trainer = Trainer(config, out, progress=progress)
+        print(f"training {memory} on {config.task}; writing to {out}")
+    summary = trainer.fit()
+    print(summary_line(summary))
+    return 0
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    metrics = summary["metrics"]
+    primary = summary["primary_metric"]
+    return (
+        f"{summary['task']} / {summary['model']} after {summary['steps']} steps: "
+        f"{primary} {metrics[primary]:.4f}, average memory size "
+        f"{summary['avg_memory_size']:.1f} of max span L={summary['max_span']} "
+        f"(cache {summary['cache_size']:.1f})"
+    )

@@ -1,0 +1,137 @@
+"""A run's full configuration: task, model and training hyperparameters.
+
+Values are resolved in layers, each overriding the previous: the dataclass defaults, a named preset,
+a config file (JSON or TOML with sections ``task_options``, ``model``, ``train``), then flags. The
+resolved configuration is written into the run directory, so a run always records what it used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from expire_span.config import ModelConfig
+from expire_span.tasks import build_task
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps (one batch of ``batch_size`` x ``seq_len`` tokens each)."""
+    batch_size: int = 32
+    seq_len: int | None = None
+    """Tokens per row per step; ``None`` means one block (``block_len``)."""
+    lr: float = 1e-3
+    warmup: int = 100
+    """Linear learning-rate warm-up steps."""
+    schedule: str = "constant"
+    """After warm-up: ``constant`` or ``cosine`` (decay to 10% at the last step)."""
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0 disables)."""
+    eval_every: int = 200
+    eval_batches: int = 20
+    """Batches per periodic evaluation (language-modelling tasks read the whole split)."""
+    log_every: int = 20
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every",
+                     "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise ValueError(f"train.seq_len must be >= 1 or None, got {self.seq_len}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.warmup < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("train.warmup, train.grad_clip and train.weight_decay must be >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+
+@dataclass
+class RunConfig:
+    task: str = "copy"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    """``ModelConfig`` fields except ``vocab_size``, which the task decides."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def build_task(self):
+        return build_task(self.task, self.task_options)
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        if "vocab_size" in self.model:
+            raise ValueError("model.vocab_size is set by the task, do not give it")
+        return ModelConfig.from_dict({"vocab_size": vocab_size, **self.model})
+
+    @property
+    def seq_len(self) -> int:
+        block_len = self.model.get("block_len", ModelConfig.block_len)
+        return self.train.seq_len or block_len
+
+    def resolved(self) -> RunConfig:
+        """A copy with every task option and model field spelled out (what a run records), after
+        building everything once so that a bad value fails before training starts."""
+        task = self.build_task()
+        model = self.model_config(task.vocab_size).to_dict()
+        del model["vocab_size"]
+        return RunConfig(self.task, task.options_dict(), model,
+                         TrainConfig(**dataclasses.asdict(self.train)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        values = dict(values)
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown config section(s): {', '.join(unknown)}")
+        train = values.pop("train", {}) or {}
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        bad = sorted(set(train) - known)
+        if bad:
+            raise ValueError(f"unknown train option(s): {', '.join(bad)}")
+        return cls(**values, train=TrainConfig(**train))
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Section-wise merge: nested dictionaries are merged, other values replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or TOML run configuration (by extension)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        return json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
+        raise ValueError(f"cannot parse config file {path}: {error}") from None

@@ -1,0 +1,259 @@
+"""Trainer, checkpoints and the command line: outputs, resume, failures, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from expire_span.cli import main
+from expire_span.training import (
+    CheckpointError,
+    RunConfig,
+    Trainer,
+    TrainingDiverged,
+    TrainingInterrupted,
+    load_checkpoint,
+)
+
+TINY = {
+    "task": "copy",
+    "task_options": {"symbols": 2, "gap": 6, "alphabet": 4},
+    "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "block_len": 4, "max_span": 16,
+              "ramp": 2, "alpha": 1e-3, "init_percentage": 0.8},
+    "train": {"steps": 6, "batch_size": 3, "seq_len": 8, "lr": 1e-2, "warmup": 2,
+              "eval_every": 3, "eval_batches": 2, "log_every": 2, "checkpoint_every": 2},
+}
+
+
+def tiny_run(**train) -> RunConfig:
+    config = json.loads(json.dumps(TINY))
+    config["train"].update(train)
+    return RunConfig.from_dict(config)
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_writes_metrics_checkpoints_and_summary(tmp_path):
+    summary = Trainer(tiny_run(), tmp_path, progress=False).fit()
+    assert {"task", "model", "steps", "metrics", "avg_memory_size"} <= set(summary)
+    assert summary["steps"] == 6 and summary["task"] == "copy"
+    assert summary["model"] == "expire-span"
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 6
+    records = read_metrics(tmp_path)
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    assert [r["step"] for r in records if r["split"] == "valid"] == [3, 6]
+    for record in train:
+        assert {"loss", "aux_loss", "memory_size", "cache_size", "lr", "tokens_per_s"} <= set(
+            record
+        )
+    latest = (tmp_path / "checkpoints" / "latest").read_text()
+    assert latest == "step-00000006"
+    files = {p.name for p in (tmp_path / "checkpoints" / latest).iterdir()}
+    assert files == {"model.safetensors", "config.json", "trainer.pt", "memory.safetensors"}
+    # keep_checkpoints=2: older ones are removed
+    assert len(list((tmp_path / "checkpoints").glob("step-*"))) == 2
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    assert recorded["model"]["pre_norm"] is True  # every field is recorded, not just given ones
+    assert recorded["task_options"]["data_seed"] == 0
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = Trainer(tiny_run(), tmp_path / "a", progress=False)
+    straight.fit()
+    first = Trainer(tiny_run(steps=4), tmp_path / "b", progress=False)
+    first.fit()
+    resumed = Trainer(None, tmp_path / "b", resume=True, resume_overrides={"steps": 6},
+                      progress=False)
+    assert resumed.start_step == 4
+    resumed.fit()
+    for name, value in params(straight.model).items():
+        torch.testing.assert_close(params(resumed.model)[name], value, atol=0, rtol=0)
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    train_a = [(r["step"], r["loss"]) for r in a if r["split"] == "train"]
+    train_b = [(r["step"], r["loss"]) for r in b if r["split"] == "train"]
+    assert train_a == train_b  # the log holds each step once, with the same values
+    assert a[-1]["loss"] == pytest.approx(b[-1]["loss"], abs=1e-6)
+
+
+def test_interrupt_saves_a_checkpoint_and_resume_loses_nothing(tmp_path, monkeypatch):
+    straight = Trainer(tiny_run(checkpoint_every=100), tmp_path / "a", progress=False)
+    straight.fit()
+
+    trainer = Trainer(tiny_run(checkpoint_every=100), tmp_path / "b", progress=False)
+    original = trainer.task.batch
+
+    def batch_then_signal(split, step, rows, seq_len):
+        if split == "train" and step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step; the step still completes
+        return original(split, step, rows, seq_len)
+
+    monkeypatch.setattr(trainer.task, "batch", batch_then_signal)
+    with pytest.raises(TrainingInterrupted, match="step 3"):
+        trainer.fit()
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step-00000003"
+    resumed = Trainer(None, tmp_path / "b", resume=True, progress=False)
+    resumed.fit()
+    for name, value in params(straight.model).items():
+        torch.testing.assert_close(params(resumed.model)[name], value, atol=0, rtol=0)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = Trainer(tiny_run(steps=10), tmp_path, progress=False)
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):
+        calls["n"] += 1
+        return output * float("nan") if module.training and calls["n"] > 5 else output
+
+    trainer.model.head.register_forward_hook(poison)
+    with pytest.raises(TrainingDiverged, match="last good checkpoint") as error:
+        trainer.fit()
+    assert "NaN" in str(error.value) or "nan" in str(error.value)
+    latest = (tmp_path / "checkpoints" / "latest").read_text()
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.path.name == latest
+    assert all(torch.isfinite(p).all() for p in loaded.model.parameters())
+    assert read_metrics(tmp_path)[-1]["event"] == "diverged"
+
+
+def test_a_second_run_into_the_same_directory_is_refused(tmp_path):
+    Trainer(tiny_run(steps=2), tmp_path, progress=False).fit()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(tiny_run(steps=2), tmp_path, progress=False)
+
+
+def test_resume_skips_a_corrupt_latest_checkpoint(tmp_path):
+    Trainer(tiny_run(), tmp_path, progress=False).fit()
+    latest = tmp_path / "checkpoints" / "step-00000006"
+    (latest / "model.safetensors").write_bytes(b"\x00" * 10)
+    messages = []
+    trainer = Trainer(None, tmp_path, resume=True, progress=False, echo=messages.append,
+                      resume_overrides={"steps": 8})
+    assert trainer.start_step == 4
+    assert any("corrupt" in m for m in messages)
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one_usable(tmp_path):
+    Trainer(tiny_run(steps=2), tmp_path, progress=False).fit()
+    partial = tmp_path / "checkpoints" / ".step-00000004.abc"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half")
+    assert load_checkpoint(tmp_path).path.name == "step-00000002"
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 10), "corrupt"),
+        (lambda d: (d / "model.safetensors").unlink(), "missing"),
+        (lambda d: (d / "config.json").write_text("{not json"), "config.json is corrupt"),
+        (lambda d: (d / "config.json").write_text('{"run": {}}'), "unreadable"),
+        (lambda d: (d / "trainer.pt").write_bytes(b"xx"), "corrupt"),
+    ],
+)
+def test_damaged_checkpoints_give_clear_errors(tmp_path, damage, message):
+    Trainer(tiny_run(steps=2), tmp_path, progress=False).fit()
+    damage(tmp_path / "checkpoints" / "step-00000002")
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tmp_path)
+
+
+def test_missing_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        load_checkpoint(tmp_path)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def cli(*args: str) -> int:
+    return main(["train", "--no-progress", *args] if args and args[0].startswith("--") else
+                list(args))
+
+
+def test_cli_train_then_eval(tmp_path, capsys):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({k: v for k, v in TINY.items()}))
+    out = tmp_path / "run"
+    assert cli("--config", str(config), "--out", str(out), "--model", "transformer-xl",
+               "--steps", "4") == 0
+    printed = capsys.readouterr().out
+    assert "average memory size" in printed and "max span L=16" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "transformer-xl" and summary["steps"] == 4
+    assert main(["eval", "--checkpoint", str(out), "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["metrics"]["accuracy"] == pytest.approx(summary["metrics"]["accuracy"])
+    assert result["step"] == 4
+
+
+def test_cli_precedence_preset_then_file_then_flags(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('[model]\nd_model = 24\nn_heads = 2\n[train]\nsteps = 3\nbatch_size = 2\n'
+                      'seq_len = 8\neval_batches = 1\n')
+    out = tmp_path / "run"
+    assert cli("--preset", "copy-test", "--config", str(config), "--steps", "2",
+               "--out", str(out)) == 0
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["model"]["d_model"] == 24  # file over preset
+    assert recorded["model"]["max_span"] == 128  # preset over library default
+    assert recorded["train"]["steps"] == 2  # flag over file
+    assert recorded["task_options"]["gap"] == 40
+
+
+def test_cli_resume_refuses_to_change_the_model(tmp_path, capsys):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(TINY))
+    out = tmp_path / "run"
+    assert cli("--config", str(config), "--out", str(out), "--steps", "2") == 0
+    assert cli("--out", str(out), "--resume", "--alpha", "0.5") == 1
+    assert "cannot change model.alpha" in capsys.readouterr().err
+    assert cli("--out", str(out), "--resume", "--steps", "4") == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ramp", "0"], "ramp"),
+        (["--max-span", "2", "--block-len", "4"], "max_span"),
+        (["--model", "lstm"], "unknown memory policy"),
+        (["--preset", "nope"], "unknown preset"),
+        (["--config", "missing.toml"], "config file not found"),
+    ],
+)
+def test_cli_rejects_bad_input_with_a_clear_message(tmp_path, capsys, args, message):
+    assert cli(*args, "--out", str(tmp_path / "x")) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_cli_resume_needs_a_run_directory(tmp_path, capsys):
+    assert cli("--resume") == 1
+    assert "--resume needs --out" in capsys.readouterr().err
+    assert cli("--resume", "--out", str(tmp_path)) == 1
+    assert "no checkpoint found" in capsys.readouterr().err
+
+
+def test_cli_eval_of_a_missing_checkpoint(tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path / "none")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_presets_lists_the_defaults(capsys):
+    assert main(["presets"]) == 0
+    assert "copy-cpu" in capsys.readouterr().out
