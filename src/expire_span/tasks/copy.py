@@ -8,7 +8,8 @@ symbols again:
 
 The model reads it as a stream (teacher forcing): at GO it must predict s1, at the repeated s1
 it must predict s2, ..., so exactly ``K`` positions are scored, each ``K + D`` steps after the
-symbol it must reproduce. Only ``K`` memories matter per episode; a fixed window needs ``L >= K + D``.
+symbol it must reproduce. Only ``K`` memories matter per episode; a fixed window needs
+``L >= K + D``.
 
 Each batch row is an endless stream of independent episodes, starting at a random phase, so the
 memory of earlier episodes is there to be forgotten and scored positions fall in every batch. A
