@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+ATTENTION_BACKENDS = ("auto", "dense", "sdpa")
+
 
 @dataclass
 class ModelConfig:
@@ -31,6 +33,9 @@ class ModelConfig:
     rope_base: float = 10000.0
     """Base of the rotary position embedding, applied at each state's absolute step."""
     tie_embeddings: bool = False
+    attention: str = "auto"
+    """Attention kernel: ``dense`` (explicit softmax, the reference), ``sdpa`` (PyTorch's fused
+    scaled_dot_product_attention with the policy's bias as a float mask), ``auto`` (= sdpa)."""
 
     block_len: int = 64
     """M: tokens per block; memory is updated (and pruned) after every block."""
@@ -97,6 +102,10 @@ class ModelConfig:
             raise ValueError(f"pre_div must be > 0, got {self.pre_div!r}")
         if self.rope_base <= 1:
             raise ValueError(f"rope_base must be > 1, got {self.rope_base!r}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}"
+            )
         if not isinstance(self.memory, str) or not self.memory:
             raise ValueError(f"memory must be a policy name, got {self.memory!r}")
 

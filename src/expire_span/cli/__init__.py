@@ -13,13 +13,14 @@ commands:
   train     train a model on a task (expire-span train --help)
   eval      evaluate a saved run on a split
   presets   list the named hyperparameter sets
+  bench     time and memory of memory policies against the maximum span
 """
 
 
 def _commands() -> dict[str, Callable[[list[str]], int]]:
-    from expire_span.cli import evaluate, presets, train
+    from expire_span.cli import bench, evaluate, presets, train
 
-    return {"train": train.run, "eval": evaluate.run, "presets": presets.run}
+    return {"train": train.run, "eval": evaluate.run, "presets": presets.run, "bench": bench.run}
 
 
 def main(argv: list[str] | None = None) -> int:

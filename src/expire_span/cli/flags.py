@@ -14,6 +14,7 @@ import inspect
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -43,9 +44,19 @@ def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "null") else int(text)
 
 
+def _comma_list(item: type) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        return [item(part) for part in text.split(",") if part.strip()]
+
+    parse.__name__ = f"comma-separated {item.__name__}s"
+    return parse
+
+
 def _parser_for(annotation: Any) -> Any:
     """argparse ``type`` for a field annotation (None for booleans)."""
     origin = typing.get_origin(annotation)
+    if origin is list:
+        return _comma_list(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
         if inner == [int]:

@@ -46,6 +46,7 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(config.d_model, config.d_model, bias=False)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_base)
         self.dropout = config.dropout
+        self.fused = config.attention in ("auto", "sdpa")
 
     def _heads(self, x: Tensor) -> Tensor:
         batch, length, _ = x.shape
@@ -79,9 +80,18 @@ class MultiHeadAttention(nn.Module):
         keys, values = self.key_value(key_inputs).chunk(2, dim=-1)
         k = self.rotary(self._heads(keys), key_pos)
         v = self._heads(values)
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim) + bias
-        probs = torch.softmax(scores, dim=-1)
-        probs = F.dropout(probs, p=self.dropout, training=self.training)
-        out = torch.matmul(probs, v)  # [B, H, T, d]
+        dropout = self.dropout if self.training else 0.0
+        if self.fused:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
+                                                 dropout_p=dropout)
+        else:
+            out = dense_attention(q, k, v, bias, dropout)
         batch, _, length, _ = out.shape
         return self.out(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout: float) -> Tensor:
+    """The reference: ``softmax(q k^T / sqrt(d) + bias) v``, every tensor materialised."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + bias
+    probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=dropout > 0)
+    return torch.matmul(probs, v)  # [B, H, T, d]

@@ -79,13 +79,16 @@ class TransformerLayer(nn.Module):
         context = BlockContext(states, inputs, age, visible, int(steps[-1]) + 1, block_uniform)
         decision = self.policy.decide(context)
 
-        bias = torch.zeros_like(age, dtype=inputs.dtype).masked_fill(~visible, float("-inf"))
-        bias = bias.unsqueeze(1)
-        if decision.bias is not None:
-            bias = bias + decision.bias
+        hidden_keys = ~visible.unsqueeze(1)
+        if decision.bias is None:
+            bias = torch.zeros_like(hidden_keys, dtype=inputs.dtype)
+        else:
+            bias = decision.bias
+        bias = bias.masked_fill(hidden_keys, float("-inf"))
         attended = self.attention(inputs[:, -queries:], inputs, steps, states.steps, bias)
         with torch.no_grad():  # earlier steps seen with non-zero weight (the query itself excluded)
-            memory_size = (bias > float("-inf")).sum(-1).float().mean() - 1.0
+            rows = bias.numel() // bias.shape[-1]
+            memory_size = (bias > float("-inf")).sum() / rows - 1.0
 
         if self.config.pre_norm:
             hidden = hidden + self.dropout(attended)

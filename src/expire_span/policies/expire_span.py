@@ -37,10 +37,11 @@ def expire_mask(remaining: Tensor, ramp: float) -> Tensor:
     return (1.0 + remaining / ramp).clamp(0.0, 1.0)
 
 
-def ramp_loss(remaining: Tensor, mask: Tensor, visible: Tensor, ramp: float) -> Tensor:
-    """Sum of ``r + R`` over the visible (query, memory) pairs on the ramp (0 < m < 1)."""
-    on_ramp = visible & (mask > 0) & (mask < 1)
-    return torch.where(on_ramp, remaining + ramp, torch.zeros_like(remaining)).sum()
+def ramp_loss(mask: Tensor, valid: Tensor) -> Tensor:
+    """``sum (r + R) / R`` over the (query, memory) pairs on the ramp, computed as ``sum m``
+    over pairs with ``m < 1``: on the ramp ``r + R = R m``, expired pairs add 0, and future keys
+    (``r > 0``) and the query itself have ``m = 1``. ``valid`` (``[B, 1, N]``) drops padding."""
+    return torch.where(valid & (mask < 1), mask, torch.zeros_like(mask)).sum()
 
 
 class ExpireSpanPolicy(MemoryPolicy):
@@ -56,7 +57,9 @@ class ExpireSpanPolicy(MemoryPolicy):
 
     def spans(self, inputs: Tensor) -> Tensor:
         """``[B, N]`` expire-spans ``e = L * sigmoid(w . h / c + b)`` of the given states."""
-        logits = self.span_predictor(inputs / self.config.pre_div).squeeze(-1)
+        if self.config.pre_div != 1.0:
+            inputs = inputs / self.config.pre_div
+        logits = self.span_predictor(inputs).squeeze(-1)
         return self.config.max_span * torch.sigmoid(logits)
 
     def decide(self, context: BlockContext) -> MaskDecision:
@@ -71,8 +74,7 @@ class ExpireSpanPolicy(MemoryPolicy):
         bias = mask.clamp_min(torch.finfo(mask.dtype).tiny).log()
         bias = bias.masked_fill(mask == 0, float("-inf"))
         batch, queries = mask.shape[:2]
-        aux = ramp_loss(remaining, mask, context.visible, cfg.ramp)
-        aux = cfg.alpha * aux / (cfg.ramp * queries * batch)
+        aux = cfg.alpha * ramp_loss(mask, context.states.valid.unsqueeze(1)) / (queries * batch)
         return MaskDecision(bias=bias.unsqueeze(1), aux_loss=aux, keep=self._keep(context, spans))
 
     def _keep(self, context: BlockContext, spans: Tensor) -> Tensor:
@@ -80,5 +82,5 @@ class ExpireSpanPolicy(MemoryPolicy):
         next_age = context.next_step - context.states.steps
         if not self.config.prune_expired:
             return next_age < self.config.max_span + self.config.ramp
-        with torch.no_grad():
-            return expire_mask(spans - next_age, self.config.ramp) > 0
+        with torch.no_grad():  # m > 0 at the next query <=> r > -R (float-safe: keeps, never drops)
+            return spans - next_age > -self.config.ramp
