@@ -31,6 +31,7 @@ _PRESETS = [
             },
             "train": {
                 "steps": 600, "batch_size": 32, "seq_len": 128, "lr": 2e-3, "warmup": 50,
+                "schedule": "cosine",
                 "eval_every": 200, "eval_batches": 10, "log_every": 20, "checkpoint_every": 200,
             },
         },
@@ -47,6 +48,7 @@ _PRESETS = [
             },
             "train": {
                 "steps": 300, "batch_size": 16, "seq_len": 64, "lr": 3e-3, "warmup": 20,
+                "schedule": "cosine",
                 "eval_every": 100, "eval_batches": 5, "log_every": 20, "checkpoint_every": 100,
             },
         },
