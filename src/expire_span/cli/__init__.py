@@ -14,13 +14,16 @@ commands:
   eval      evaluate a saved run on a split
   presets   list the named hyperparameter sets
   bench     time and memory of memory policies against the maximum span
+  spans     the expire-span of every character of a text (PNG heat map and HTML)
+  plot      training curves of a run
 """
 
 
 def _commands() -> dict[str, Callable[[list[str]], int]]:
-    from expire_span.cli import bench, evaluate, presets, train
+    from expire_span.cli import bench, evaluate, plot, presets, spans, train
 
-    return {"train": train.run, "eval": evaluate.run, "presets": presets.run, "bench": bench.run}
+    return {"train": train.run, "eval": evaluate.run, "presets": presets.run, "bench": bench.run,
+            "spans": spans.run, "plot": plot.run}
 
 
 def main(argv: list[str] | None = None) -> int:

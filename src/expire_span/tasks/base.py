@@ -84,6 +84,16 @@ class SequenceTask(ABC):
         """Task metrics computed from the mean loss (nats) and accuracy of counted positions."""
         return {}
 
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a text (text tasks override this; generation and span analysis use it)."""
+        raise ValueError(f"task {self.name!r} has no text form; generation and span analysis "
+                         "need a text task")
+
+    def decode(self, tokens: list[int]) -> str:
+        """The text of token ids (the inverse of :meth:`encode`)."""
+        raise ValueError(f"task {self.name!r} has no text form; generation and span analysis "
+                         "need a text task")
+
     def options_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)
 

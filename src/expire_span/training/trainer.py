@@ -330,7 +330,7 @@ class _Interval:
         self.steps = 0
         self.tokens = 0
         self.aux = 0.0
-        self.memory_size = 0.0
+        self.memory_size: torch.Tensor | float = 0.0
         self.cache_size = 0.0
         self.started = time.perf_counter()
 
@@ -338,7 +338,7 @@ class _Interval:
         self.steps += 1
         self.tokens += tokens
         self.aux += float(out.aux_loss.detach())
-        self.memory_size += float(out.memory_size.mean())
+        self.memory_size = self.memory_size + out.memory_size.detach().cpu()
         self.cache_size += float(out.memory.sizes.float().mean())
 
     def flush(self, task: SequenceTask, step: int, lr: float) -> dict[str, Any]:
@@ -349,7 +349,8 @@ class _Interval:
             "split": "train",
             **self.metrics.result(task),
             "aux_loss": self.aux / steps,
-            "memory_size": self.memory_size / steps,
+            "memory_size": float(torch.as_tensor(self.memory_size).mean()) / steps,
+            "memory_size_per_layer": (torch.as_tensor(self.memory_size) / steps).tolist(),
             "cache_size": self.cache_size / steps,
             "lr": lr,
             "tokens_per_s": self.tokens / max(seconds, 1e-9),

@@ -1,0 +1,124 @@
+"""What a trained Expire-Span model remembers: the span it gives each token in each layer.
+
+The spans are read from the model's own span predictors while it reads the text block by block,
+exactly as during evaluation, so they are the values that decided what was kept.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from expire_span.model import MemoryTransformer
+from expire_span.policies.expire_span import ExpireSpanPolicy
+
+
+@torch.no_grad()
+def token_spans(model: MemoryTransformer, tokens: Tensor) -> Tensor:
+    """``[n_layers, T]`` expire-span of every token of ``tokens`` (``[T]``) in every layer."""
+    policies = [layer.policy for layer in model.layers]
+    if not all(isinstance(policy, ExpireSpanPolicy) for policy in policies):
+        raise ValueError(
+            f"span analysis needs an expire-span model; this one uses {model.config.memory!r}"
+        )
+    if tokens.dim() != 1 or tokens.numel() == 0:
+        raise ValueError("token_spans expects a non-empty 1-D sequence of token ids")
+    was_training = model.training
+    model.eval()
+    captured: list[list[Tensor]] = [[] for _ in policies]
+    block_length = [0]
+
+    def hook_for(index: int):
+        def hook(module, inputs, output):  # output: [1, N, 1] logits of [memory; block]
+            captured[index].append(output[0, -block_length[0]:, 0])
+        return hook
+
+    handles = [
+        policy.span_predictor.register_forward_hook(hook_for(i))
+        for i, policy in enumerate(policies)
+    ]
+    try:
+        memory = None
+        for block in tokens.to(model.device).unsqueeze(0).split(model.config.block_len, dim=1):
+            block_length[0] = block.shape[1]
+            memory = model(block, memory).memory
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    logits = torch.stack([torch.cat(parts) for parts in captured])
+    return model.config.max_span * torch.sigmoid(logits.float()).cpu()
+
+
+def _colours(spans: Tensor, max_span: int) -> list[list[tuple[int, int, int]]]:
+    import matplotlib
+
+    colormap = matplotlib.colormaps["viridis"]
+    values = (spans / max_span).clamp(0, 1).tolist()
+    return [[tuple(int(255 * c) for c in colormap(v)[:3]) for v in row] for row in values]
+
+
+def render_html(text: list[str], spans: Tensor, max_span: int, path: Path, title: str) -> None:
+    """A self-contained page: one section per layer, every character coloured by its span, the
+    value shown on hover."""
+    colours = _colours(spans, max_span)
+    sections = []
+    for layer, row in enumerate(colours):
+        cells = []
+        for char, (r, g, b), value in zip(text, row, spans[layer].tolist(), strict=True):
+            ink = "#000" if (r * 299 + g * 587 + b * 114) > 128000 else "#fff"
+            shown = html.escape(char) if char not in ("\n", " ") else ("&#9166;<br>"
+                                                                      if char == "\n" else " ")
+            cells.append(f'<span style="background:rgb({r},{g},{b});color:{ink}" '
+                         f'title="layer {layer}: span {value:.0f}">{shown}</span>')
+        mean = float(spans[layer].mean())
+        sections.append(f"<h2>layer {layer} <small>(mean span {mean:.0f} of L={max_span})"
+                        f"</small></h2>\n<p class=t>{''.join(cells)}</p>")
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} .t{{font-family:monospace;font-size:15px;
+line-height:1.6;white-space:pre-wrap;word-break:break-all}} .t span{{padding:1px 0}}</style>
+</head><body><h1>{html.escape(title)}</h1>
+<p>Each character is coloured by the expire-span the model predicted for it (dark: forgotten at
+once, bright: kept up to L={max_span} steps). Hover a character for its value.</p>
+{chr(10).join(sections)}
+</body></html>
+"""
+    path.write_text(page, encoding="utf-8")
+
+
+def render_png(text: list[str], spans: Tensor, max_span: int, path: Path, title: str,
+               columns: int = 80) -> None:
+    """A heat map over the text, one panel per layer, ``columns`` characters per line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers, length = spans.shape
+    lines = -(-length // columns)
+    figure, axes = plt.subplots(layers, 1, squeeze=False,
+                                figsize=(columns * 0.13 + 1.5, layers * (lines * 0.2 + 0.6)))
+    grid = torch.full((lines * columns,), float("nan"))
+    for layer in range(layers):
+        axis = axes[layer, 0]
+        grid[:length] = spans[layer]
+        image = axis.imshow(grid.view(lines, columns).numpy(), cmap="viridis", vmin=0,
+                            vmax=max_span, aspect="auto", interpolation="nearest")
+        for index, char in enumerate(text):
+            if char.strip():
+                value = float(spans[layer, index]) / max_span
+                axis.text(index % columns, index // columns, char, ha="center", va="center",
+                          fontsize=6, family="monospace",
+                          color="black" if value > 0.6 else "white")
+        axis.set_xticks([])
+        axis.set_yticks([])
+        axis.set_title(f"layer {layer}", fontsize=9, loc="left")
+        figure.colorbar(image, ax=axis, fraction=0.02, pad=0.01, label="span")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
