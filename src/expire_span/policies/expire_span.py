@@ -29,12 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from expire_span.config import ModelConfig
-from expire_span.policies.base import BlockContext, MaskDecision, MemoryPolicy
-
-
-def expire_mask(remaining: Tensor, ramp: float) -> Tensor:
-    """``m = clamp(1 + r / R, 0, 1)``: 1 while alive, linear decay over R steps, then 0."""
-    return (1.0 + remaining / ramp).clamp(0.0, 1.0)
+from expire_span.policies.base import (
+    BlockContext,
+    MaskDecision,
+    MemoryPolicy,
+    log_mask_bias,
+    ramp_mask,
+)
 
 
 def ramp_loss(remaining: Tensor, mask: Tensor, visible: Tensor, ramp: float) -> Tensor:
@@ -67,9 +68,8 @@ class ExpireSpanPolicy(MemoryPolicy):
             limit = context.block_uniform * cfg.max_span
             masked_spans = spans.clamp(max=limit)
         remaining = masked_spans.unsqueeze(1) - context.age  # [B, T, N]
-        mask = expire_mask(remaining, cfg.ramp)
-        bias = mask.clamp_min(torch.finfo(mask.dtype).tiny).log()
-        bias = bias.masked_fill(mask == 0, float("-inf"))
+        mask = ramp_mask(remaining, cfg.ramp)
+        bias = log_mask_bias(mask)
         batch, queries = mask.shape[:2]
         aux = ramp_loss(remaining, mask, context.visible, cfg.ramp)
         aux = cfg.alpha * aux / (cfg.ramp * queries * batch)
@@ -81,4 +81,4 @@ class ExpireSpanPolicy(MemoryPolicy):
         if not self.config.prune_expired:
             return next_age < self.config.max_span + self.config.ramp
         with torch.no_grad():
-            return expire_mask(spans - next_age, self.config.ramp) > 0
+            return ramp_mask(spans - next_age, self.config.ramp) > 0
