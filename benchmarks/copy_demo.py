@@ -1,9 +1,13 @@
-"""The README's copy demo: Expire-Span vs Transformer-XL at the same L and at a quarter of L.
+"""Memory policies on the copy task, one config and one training budget for all.
 
-Runs three trainings of the ``copy-cpu`` preset (or ``--preset``) one after the other and prints a
-markdown table of accuracy, average memory size and wall time.
+Trains each model of ``--models`` on the ``copy-cpu`` preset (or ``--preset``) one after the other
+and prints a markdown table of accuracy, average memory size and wall time. A model is a policy
+name, optionally with its own maximum span: ``transformer-xl:128``. The default list is the
+README's demo (Expire-Span against Transformer-XL at L and at L/4):
 
     python benchmarks/copy_demo.py --out runs/copy-demo
+    python benchmarks/copy_demo.py --preset copy-test --out runs/baselines \\
+        --models expire-span,transformer-xl,adaptive-span,compressive
 """
 
 from __future__ import annotations
@@ -12,9 +16,25 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from expire_span.training import RunConfig, Trainer, get_preset
 from expire_span.training.config import merge
+
+
+def parse_models(text: str | None, max_span: int) -> list[tuple[str, dict[str, Any]]]:
+    """``"a,b:128"`` -> ``[("a", {"memory": "a"}), ("b-128", {"memory": "b", "max_span": 128})]``;
+    ``None`` gives the default list."""
+    if text is None:
+        text = f"expire-span,transformer-xl,transformer-xl:{max_span // 4}"
+    runs = []
+    for spec in text.split(","):
+        policy, _, span = spec.strip().partition(":")
+        model: dict[str, Any] = {"memory": policy}
+        if span:
+            model["max_span"] = int(span)
+        runs.append((f"{policy}-{span}" if span else policy, model))
+    return runs
 
 
 def main() -> None:
@@ -22,17 +42,13 @@ def main() -> None:
     parser.add_argument("--preset", default="copy-cpu")
     parser.add_argument("--out", default="runs/copy-demo")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", help="comma-separated policy[:max_span] list "
+                        "(default: expire-span, transformer-xl at L and at L/4)")
     args = parser.parse_args()
 
     base = get_preset(args.preset).config
-    span = base["model"]["max_span"]
-    runs = [
-        ("expire-span", {"memory": "expire-span"}),
-        ("transformer-xl", {"memory": "transformer-xl"}),
-        (f"transformer-xl-{span // 4}", {"memory": "transformer-xl", "max_span": span // 4}),
-    ]
     rows = []
-    for name, model in runs:
+    for name, model in parse_models(args.models, base["model"]["max_span"]):
         config = merge(base, {"model": model, "train": {"seed": args.seed}})
         run = RunConfig.from_dict(config)
         out = Path(args.out) / name
@@ -41,7 +57,7 @@ def main() -> None:
         rows.append((name, summary, time.perf_counter() - started))
 
     task = RunConfig.from_dict(base).build_task()
-    print(f"\ncopy: K={task.options.symbols}, gap D={task.options.gap} "
+    print(f"\ncopy ({args.preset}): K={task.options.symbols}, gap D={task.options.gap} "
           f"(dependency {task.dependency_length} steps), block M={base['model']['block_len']}")
     print("| model | max span L | accuracy | avg memory size | memory / L | train time (s) |")
     print("|---|---|---|---|---|---|")

@@ -24,15 +24,23 @@ def tiny_config(memory: str = "expire-span", **overrides) -> ModelConfig:
 
 
 def tiny_model(memory: str = "expire-span", seed: int = 0, varied_spans: bool = True, **overrides):
-    """An eval-mode model; with ``varied_spans`` the span predictors get random weights so that
-    memories expire at different times (at initialisation every span is the same)."""
+    """An eval-mode model; with ``varied_spans`` the policies' own parameters get random values
+    (at initialisation every span is the same and a convolution compresses like mean pooling):
+    Expire-Span's memories expire at different times, Adaptive-Span's heads get different spans,
+    and the compression convolution weighs each state of a group differently."""
     torch.manual_seed(seed)
     model = MemoryTransformer(tiny_config(memory, **overrides))
     if varied_spans:
         for layer in model.layers:
-            predictor = getattr(layer.policy, "span_predictor", None)
+            policy = layer.policy
+            predictor = getattr(policy, "span_predictor", None)
             if predictor is not None:
                 torch.nn.init.normal_(predictor.weight, std=1.0)
+            if hasattr(policy, "span_fraction"):
+                torch.nn.init.uniform_(policy.span_fraction, 0.0, 1.0)
+            conv = getattr(getattr(policy, "compressor", None), "conv", None)
+            if conv is not None:
+                torch.nn.init.normal_(conv.weight, std=0.2)
     return model.eval()
 
 

@@ -136,11 +136,12 @@ def test_memory_reports_sizes_per_layer_and_sample():
     assert out.memory.next_step == 30
 
 
-def test_memory_round_trips_through_state_dict():
-    model = tiny_model("expire-span")
+@pytest.mark.parametrize("policy", POLICIES)
+def test_memory_round_trips_through_state_dict(policy):
+    model = tiny_model(policy)
     tokens = random_tokens(2, 16)
     with torch.no_grad():
-        memory = model(random_tokens(2, 40)).memory
+        memory = model(random_tokens(2, 40)).memory.reset(torch.tensor([False, True]))
         restored = model.init_memory(2).load_state_dict(memory.state_dict())
         torch.testing.assert_close(model(tokens, restored).logits, model(tokens, memory).logits)
     assert restored.next_step == memory.next_step
@@ -194,6 +195,13 @@ def test_memory_from_another_model_or_batch_is_rejected():
         (dict(dropout=1.0), "dropout"),
         (dict(vocab_size=0), "vocab_size"),
         (dict(block_len=0), "block_len"),
+        (dict(adapt_span_init=1.5), "adapt_span_init"),
+        (dict(adapt_span_loss=-1.0), "adapt_span_loss"),
+        (dict(compress_rate=0), "compress_rate"),
+        (dict(compress_fn="median"), "compress_fn must be one of conv, max, mean"),
+        (dict(compress_loss=-0.1), "compress_loss"),
+        (dict(mem_len=0), "mem_len"),
+        (dict(cmem_len=2.5), "cmem_len"),
     ],
 )
 def test_invalid_configs_are_rejected(overrides, message):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from expire_span import available_policies
 from expire_span.cli import main
 from expire_span.training import (
     CheckpointError,
@@ -30,8 +31,9 @@ TINY = {
 }
 
 
-def tiny_run(**train) -> RunConfig:
+def tiny_run(memory: str = "expire-span", **train) -> RunConfig:
     config = json.loads(json.dumps(TINY))
+    config["model"]["memory"] = memory
     config["train"].update(train)
     return RunConfig.from_dict(config)
 
@@ -69,10 +71,11 @@ def test_training_writes_metrics_checkpoints_and_summary(tmp_path):
     assert recorded["task_options"]["data_seed"] == 0
 
 
-def test_resume_continues_exactly(tmp_path):
-    straight = Trainer(tiny_run(), tmp_path / "a", progress=False)
+@pytest.mark.parametrize("memory", available_policies())
+def test_resume_continues_exactly(tmp_path, memory):
+    straight = Trainer(tiny_run(memory), tmp_path / "a", progress=False)
     straight.fit()
-    first = Trainer(tiny_run(steps=4), tmp_path / "b", progress=False)
+    first = Trainer(tiny_run(memory, steps=4), tmp_path / "b", progress=False)
     first.fit()
     resumed = Trainer(None, tmp_path / "b", resume=True, resume_overrides={"steps": 6},
                       progress=False)
@@ -185,16 +188,17 @@ def cli(*args: str) -> int:
                 list(args))
 
 
-def test_cli_train_then_eval(tmp_path, capsys):
+@pytest.mark.parametrize("memory", available_policies())
+def test_cli_train_then_eval(tmp_path, capsys, memory):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({k: v for k, v in TINY.items()}))
     out = tmp_path / "run"
-    assert cli("--config", str(config), "--out", str(out), "--model", "transformer-xl",
+    assert cli("--config", str(config), "--out", str(out), "--model", memory,
                "--steps", "4") == 0
     printed = capsys.readouterr().out
     assert "average memory size" in printed and "max span L=16" in printed
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["model"] == "transformer-xl" and summary["steps"] == 4
+    assert summary["model"] == memory and summary["steps"] == 4
     assert main(["eval", "--checkpoint", str(out), "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["metrics"]["accuracy"] == pytest.approx(summary["metrics"]["accuracy"])

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 ATTENTION_BACKENDS = ("auto", "dense", "sdpa")
+COMPRESSION_FUNCTIONS = ("conv", "max", "mean")
+"""Names accepted by ``ModelConfig.compress_fn`` (Compressive Transformer)."""
 
 
 @dataclass
@@ -40,7 +42,8 @@ class ModelConfig:
     block_len: int = 64
     """M: tokens per block; memory is updated (and pruned) after every block."""
     max_span: int = 1024
-    """L: the longest a memory may live (Expire-Span) or the window (Transformer-XL)."""
+    """L: the longest a memory may live (Expire-Span), the window (Transformer-XL), the largest
+    span (Adaptive-Span), or the reach of FIFO plus compressed memory (Compressive)."""
     memory: str = "expire-span"
     """Name of the memory policy (see :func:`expire_span.policies.available_policies`)."""
 
@@ -55,7 +58,24 @@ class ModelConfig:
     noisy: bool = False
     """Random span shortening during training: spans clamped to u * L, u ~ U(0, 1) per block."""
     prune_expired: bool = True
-    """Delete memories no future query can attend; False keeps them (masked) up to L + R steps."""
+    """Delete memories no future query can attend; False keeps them (masked) up to L + R steps
+    (Expire-Span) or L steps (Adaptive-Span)."""
+
+    adapt_span_init: float = 0.0
+    """Adaptive-Span: every head's span starts at this fraction of L (in [0, 1])."""
+    adapt_span_loss: float = 5e-7
+    """Adaptive-Span: coefficient of the L1 loss on the spans (per layer: coefficient * mean z)."""
+
+    compress_rate: int = 3
+    """c: Compressive Transformer compression rate (c states -> 1 compressed slot)."""
+    compress_fn: str = "conv"
+    """Compression function: conv (strided 1-D convolution), max or mean (pooling)."""
+    compress_loss: float = 1.0
+    """Coefficient of the attention-reconstruction loss (trains the compression function only)."""
+    mem_len: int | None = None
+    """n_m: Compressive FIFO length; None means L // (c + 1)."""
+    cmem_len: int | None = None
+    """n_cm: Compressive compressed slots; None means (L - n_m) // c, so n_m + c * n_cm <= L."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -108,6 +128,25 @@ class ModelConfig:
             )
         if not isinstance(self.memory, str) or not self.memory:
             raise ValueError(f"memory must be a policy name, got {self.memory!r}")
+        self._validate_baselines()
+
+    def _validate_baselines(self) -> None:
+        if not 0.0 <= self.adapt_span_init <= 1.0:
+            raise ValueError(f"adapt_span_init must be in [0, 1], got {self.adapt_span_init!r}")
+        for name in ("adapt_span_loss", "compress_loss"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("compress_rate", "mem_len", "cmem_len"):
+            value = getattr(self, name)
+            if value is None and name != "compress_rate":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.compress_fn not in COMPRESSION_FUNCTIONS:
+            raise ValueError(
+                f"compress_fn must be one of {', '.join(COMPRESSION_FUNCTIONS)}, "
+                f"got {self.compress_fn!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -86,8 +86,26 @@ class MultiHeadAttention(nn.Module):
                                                  dropout_p=dropout)
         else:
             out = dense_attention(q, k, v, bias, dropout)
-        batch, _, length, _ = out.shape
-        return self.out(out.transpose(1, 2).reshape(batch, length, -1))
+        return self.out(self._merge(out))
+
+    def _merge(self, heads: Tensor) -> Tensor:
+        """``[B, H, T, d]`` -> ``[B, T, H * d]``."""
+        batch, _, length, _ = heads.shape
+        return heads.transpose(1, 2).reshape(batch, length, -1)
+
+    def readout(self, query_inputs: Tensor, key_inputs: Tensor, key_valid: Tensor) -> Tensor:
+        """Content-only attention with the projection weights detached.
+
+        ``softmax(q k^T / sqrt(d)) v`` per head, heads concatenated (no positions, no output
+        projection, no dropout); ``key_valid`` (``[B, N]`` bool) hides keys. Gradients reach the
+        inputs but never the weights, so an auxiliary loss measured through it cannot train (or
+        freeze) the attention. See :data:`expire_span.policies.base.Readout`.
+        """
+        q = self._heads(F.linear(query_inputs, self.query.weight.detach()))
+        keys, values = F.linear(key_inputs, self.key_value.weight.detach()).chunk(2, dim=-1)
+        hidden = torch.zeros_like(key_valid, dtype=q.dtype).masked_fill(~key_valid, -math.inf)
+        bias = hidden[:, None, None, :]
+        return self._merge(dense_attention(q, self._heads(keys), self._heads(values), bias, 0.0))
 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout: float) -> Tensor:

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from expire_span.config import ModelConfig
@@ -76,7 +77,9 @@ class TransformerLayer(nn.Module):
         inputs = self.norm_attention(states.hidden) if self.config.pre_norm else states.hidden
         age = steps.view(1, -1, 1) - states.steps.unsqueeze(1)  # [B, T, N]
         visible = states.valid.unsqueeze(1) & (age >= 0)
-        context = BlockContext(states, inputs, age, visible, int(steps[-1]) + 1, block_uniform)
+        context = BlockContext(
+            states, inputs, age, visible, int(steps[-1]) + 1, block_uniform, self.readout
+        )
         decision = self.policy.decide(context)
 
         hidden_keys = ~visible.unsqueeze(1)
@@ -98,6 +101,18 @@ class TransformerLayer(nn.Module):
             hidden = self.norm_feed_forward(hidden + self.dropout(self.feed_forward(hidden)))
         new_memory = _detach(self.policy.update(context, decision))
         return LayerOutput(hidden, new_memory, decision.aux_loss, memory_size)
+
+    def readout(self, queries: Tensor, keys: Tensor, key_valid: Tensor) -> Tensor:
+        """This layer's normalisation and content attention with every parameter detached
+        (:data:`expire_span.policies.base.Readout`), for policies' auxiliary losses."""
+        if self.config.pre_norm:
+            norm = self.norm_attention
+            weight, bias = norm.weight.detach(), norm.bias.detach()
+            queries, keys = (
+                F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+                for x in (queries, keys)
+            )
+        return self.attention.readout(queries, keys, key_valid)
 
 
 class MemoryTransformer(nn.Module):

@@ -7,13 +7,17 @@ A new policy is one new file defining a :class:`MemoryPolicy` subclass plus one 
 from __future__ import annotations
 
 from expire_span.config import ModelConfig
+from expire_span.policies.adaptive_span import AdaptiveSpanPolicy
 from expire_span.policies.base import BlockContext, MaskDecision, MemoryPolicy
+from expire_span.policies.compressive import CompressivePolicy
 from expire_span.policies.expire_span import ExpireSpanPolicy
 from expire_span.policies.transformer_xl import TransformerXLPolicy
 
 _REGISTRY: dict[str, type[MemoryPolicy]] = {
     ExpireSpanPolicy.name: ExpireSpanPolicy,
     TransformerXLPolicy.name: TransformerXLPolicy,
+    AdaptiveSpanPolicy.name: AdaptiveSpanPolicy,
+    CompressivePolicy.name: CompressivePolicy,
 }
 
 

@@ -8,6 +8,7 @@ keep), attends, and then asks the policy for the memory to carry to the next blo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -16,6 +17,25 @@ from torch import Tensor, nn
 
 from expire_span.config import ModelConfig
 from expire_span.memory import LayerMemory
+
+Readout = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``readout(queries, keys, key_valid) -> [B, T, D]``: what the layer's attention reads from
+``keys`` (``[B, N, D]`` raw states, ``key_valid`` ``[B, N]`` bool, at least one per row) for
+``queries`` (``[B, T, D]`` raw states). Content only (no positions, no mask but ``key_valid``),
+heads concatenated before the output projection, and every parameter of the layer (normalisation,
+projections) detached: gradients reach only the inputs, never the attention's weights."""
+
+
+def ramp_mask(remaining: Tensor, ramp: float) -> Tensor:
+    """``m = clamp(1 + r / R, 0, 1)``: 1 while ``r >= 0``, linear decay over R steps, then 0."""
+    return (1.0 + remaining / ramp).clamp(0.0, 1.0)
+
+
+def log_mask_bias(mask: Tensor) -> Tensor:
+    """Attention bias scaling each key by ``m``: ``log m``, exactly ``-inf`` where ``m = 0`` (a
+    clamped log, so that ``m = 0`` gives neither NaN values nor NaN gradients)."""
+    bias = mask.clamp_min(torch.finfo(mask.dtype).tiny).log()
+    return bias.masked_fill(mask == 0, float("-inf"))
 
 
 @dataclass
@@ -30,6 +50,8 @@ class BlockContext:
         next_step: absolute step of the first query of the next block.
         block_uniform: one ``U(0, 1)`` draw per block, shared by all layers, for policies that
             randomise per block during training (0.5 outside training).
+        readout: the layer's attention as a fixed function, for auxiliary objectives that must
+            not train the attention (see :data:`Readout`); ``None`` outside a layer.
     """
 
     states: LayerMemory
@@ -38,6 +60,7 @@ class BlockContext:
     visible: Tensor
     next_step: int
     block_uniform: float = 0.5
+    readout: Readout | None = None
 
     @property
     def num_queries(self) -> int:
@@ -64,9 +87,11 @@ class MaskDecision:
 class MemoryPolicy(nn.Module):
     """Base class of memory policies: one instance per layer.
 
-    Subclasses set :attr:`name`, implement :meth:`decide`, and may override :meth:`update`
-    (when the new memory is not a subset of the context), :meth:`empty_memory` (when it holds
-    more than hidden states) and :meth:`after_optimizer_step` (to project parameters).
+    Subclasses set :attr:`name`, implement :meth:`decide`, and may override
+    :meth:`context_states` (to attend more than the memory and the block, e.g. compressed
+    slots), :meth:`update` (when the new memory is not a subset of the context),
+    :meth:`empty_memory` (when it holds more than hidden states, as a ``LayerMemory`` subclass)
+    and :meth:`after_optimizer_step` (to project parameters).
     """
 
     name: ClassVar[str]

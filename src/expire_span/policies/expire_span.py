@@ -29,12 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from expire_span.config import ModelConfig
-from expire_span.policies.base import BlockContext, MaskDecision, MemoryPolicy
-
-
-def expire_mask(remaining: Tensor, ramp: float) -> Tensor:
-    """``m = clamp(1 + r / R, 0, 1)``: 1 while alive, linear decay over R steps, then 0."""
-    return (1.0 + remaining / ramp).clamp(0.0, 1.0)
+from expire_span.policies.base import (
+    BlockContext,
+    MaskDecision,
+    MemoryPolicy,
+    log_mask_bias,
+    ramp_mask,
+)
 
 
 def ramp_loss(mask: Tensor, valid: Tensor) -> Tensor:
@@ -70,9 +71,8 @@ class ExpireSpanPolicy(MemoryPolicy):
             limit = context.block_uniform * cfg.max_span
             masked_spans = spans.clamp(max=limit)
         remaining = masked_spans.unsqueeze(1) - context.age  # [B, T, N]
-        mask = expire_mask(remaining, cfg.ramp)
-        bias = mask.clamp_min(torch.finfo(mask.dtype).tiny).log()
-        bias = bias.masked_fill(mask == 0, float("-inf"))
+        mask = ramp_mask(remaining, cfg.ramp)
+        bias = log_mask_bias(mask)
         batch, queries = mask.shape[:2]
         aux = cfg.alpha * ramp_loss(mask, context.states.valid.unsqueeze(1)) / (queries * batch)
         return MaskDecision(bias=bias.unsqueeze(1), aux_loss=aux, keep=self._keep(context, spans))

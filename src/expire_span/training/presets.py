@@ -28,6 +28,7 @@ _PRESETS = [
             "model": {
                 "d_model": 64, "n_layers": 2, "n_heads": 4, "block_len": 32, "max_span": 512,
                 "ramp": 16, "alpha": 1e-4, "init_percentage": 0.6, "pre_div": 8.0,
+                "adapt_span_init": 0.6, "adapt_span_loss": 1e-4,
             },
             "train": {
                 "steps": 600, "batch_size": 32, "seq_len": 128, "lr": 2e-3, "warmup": 50,
@@ -45,6 +46,7 @@ _PRESETS = [
             "model": {
                 "d_model": 64, "n_layers": 2, "n_heads": 4, "block_len": 8, "max_span": 128,
                 "ramp": 8, "alpha": 1e-4, "init_percentage": 0.6, "pre_div": 8.0,
+                "adapt_span_init": 0.6, "adapt_span_loss": 1e-4,
             },
             "train": {
                 "steps": 300, "batch_size": 16, "seq_len": 64, "lr": 3e-3, "warmup": 20,
@@ -62,7 +64,7 @@ _PRESETS = [
             "model": {
                 "d_model": 256, "n_layers": 4, "n_heads": 8, "block_len": 512,
                 "max_span": 32768, "ramp": 128, "alpha": 1e-6, "init_percentage": 0.6,
-                "pre_div": 64.0,
+                "pre_div": 64.0, "adapt_span_init": 0.6,
             },
             "train": {
                 "steps": 20000, "batch_size": 32, "seq_len": 2048, "lr": 5e-4, "warmup": 1000,
