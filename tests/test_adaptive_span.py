@@ -151,8 +151,8 @@ def test_one_layer_model_equals_a_naive_per_query_computation():
                       for s in range(t + 1)] for z in spans]
             bias = torch.tensor(masks).log().view(1, -1, 1, t + 1)
             keys = layer.norm_attention(x[:, : t + 1])
-            h = x[:, t : t + 1] + layer.attention(keys[:, -1:], keys, steps[-1:], steps[None],
-                                                  bias)
+            key_values = layer.attention.keys_values(keys, steps[None])
+            h = x[:, t : t + 1] + layer.attention(keys[:, -1:], steps[-1:], key_values, bias)
             h = h + layer.feed_forward(layer.norm_feed_forward(h))
             expected = model.head(model.norm_out(h))[0, 0]
             torch.testing.assert_close(streamed[0, t], expected, atol=1e-5, rtol=0)

@@ -81,8 +81,8 @@ def test_one_layer_model_equals_a_naive_per_query_computation(kind):
             steps = torch.tensor([3 * g + 2 for g in groups] + raw)
             bias = torch.zeros(1, 1, 1, len(steps))
             normed = layer.norm_attention(keys)
-            h = x[:, t : t + 1] + layer.attention(normed[:, -1:], normed, steps[-1:],
-                                                  steps[None], bias)
+            key_values = layer.attention.keys_values(normed, steps[None])
+            h = x[:, t : t + 1] + layer.attention(normed[:, -1:], steps[-1:], key_values, bias)
             h = h + layer.feed_forward(layer.norm_feed_forward(h))
             expected = model.head(model.norm_out(h))[0, 0]
             torch.testing.assert_close(streamed[0, t], expected, atol=1e-5, rtol=0)

@@ -13,7 +13,7 @@ longest row of the batch; ``valid`` marks the real entries. Padding costs comput
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -35,6 +35,11 @@ class LayerMemory:
     hidden: Tensor
     steps: Tensor
     valid: Tensor
+    kv: Tensor | None = field(default=None, kw_only=True, repr=False, metadata={"cache": True})
+    """Inference cache: ``[B, N, 2 D]`` key/value projections of the states (before rotary
+    positions), or None. The layer sets and reads it only in eval mode without gradients, and
+    only for the parameters ``kv_version`` names; it is never saved."""
+    kv_version: tuple[int, ...] = field(default=(), kw_only=True, repr=False)
 
     @classmethod
     def empty(
@@ -68,60 +73,83 @@ class LayerMemory:
             hidden=torch.cat([self.hidden, hidden], dim=1),
             steps=torch.cat([self.steps, steps], dim=1),
             valid=torch.cat([self.valid, valid], dim=1),
+            kv=self.kv,  # still describes the first entries: the layer extends it
+            kv_version=self.kv_version,
         )
 
-    def select(self, keep: Tensor) -> LayerMemory:
+    def select(self, keep: Tensor, slack: int = 0) -> LayerMemory:
         """Keep the entries where ``keep`` (``[B, N]`` bool) holds, packed left, in step order.
 
-        The result is as wide as the sample that keeps the most; other rows are padded.
+        The result is as wide as the sample that keeps the most; other rows are padded. When
+        packing would free at most ``slack`` slots, the dropped entries are only marked invalid
+        and nothing moves: a caller that drops a few entries per call (token-by-token inference)
+        then pays for moving the memory once every ``slack`` drops instead of at every call.
         """
         keep = keep & self.valid
-        if bool(keep.all()):
-            return LayerMemory(self.hidden, self.steps, self.valid)
         counts = keep.sum(dim=1)
         width = int(counts.max()) if counts.numel() else 0
+        if self.width - width <= slack:
+            return LayerMemory(self.hidden, self.steps, keep, kv=self.kv,
+                               kv_version=self.kv_version)
         # A stable sort of "not kept" moves kept entries to the front without reordering them.
         order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :width]
-        hidden = self.hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, self.hidden.shape[-1]))
+        rows = torch.arange(self.batch_size, device=keep.device).unsqueeze(1)
         slots = torch.arange(width, device=keep.device)
+        kv = None
+        if self.kv is not None and self.kv.shape[1] == self.width:
+            kv = self.kv[rows, order]
         return LayerMemory(
-            hidden=hidden,
+            hidden=self.hidden[rows, order],  # whole rows of D values: faster than gather
             steps=self.steps.gather(1, order),
             valid=slots.unsqueeze(0) < counts.unsqueeze(1),
+            kv=kv,
+            kv_version=self.kv_version,
         )
 
     def reset(self, samples: Tensor) -> LayerMemory:
         """Forget everything for the samples where ``samples`` (``[B]`` bool) holds."""
         changes: dict[str, object] = {"valid": self.valid & ~samples.unsqueeze(1)}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
             if isinstance(value, LayerMemory):
-                changes[field.name] = value.reset(samples)
+                changes[item.name] = value.reset(samples)
+        return dataclasses.replace(self, **changes)
+
+    def detach(self) -> LayerMemory:
+        """The same memory cut from the autograd graph (caches included)."""
+        changes: dict[str, object] = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, (LayerMemory, Tensor)):
+                changes[item.name] = value.detach()
         return dataclasses.replace(self, **changes)
 
     def tensors(self, prefix: str = "") -> dict[str, Tensor]:
-        """Flat ``name -> tensor`` view (for saving with safetensors)."""
+        """Flat ``name -> tensor`` view of the state (for saving; caches are left out)."""
         out: dict[str, Tensor] = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
             if isinstance(value, LayerMemory):
-                out.update(value.tensors(f"{prefix}{field.name}."))
-            elif isinstance(value, Tensor):
-                out[f"{prefix}{field.name}"] = value
+                out.update(value.tensors(f"{prefix}{item.name}."))
+            elif isinstance(value, Tensor) and not item.metadata.get("cache"):
+                out[f"{prefix}{item.name}"] = value
         return out
 
     def with_tensors(self, tensors: dict[str, Tensor], prefix: str = "") -> LayerMemory:
-        """A memory of the same structure as this one, filled from :meth:`tensors` output."""
+        """A memory of the same structure as this one, filled from :meth:`tensors` output
+        (without caches)."""
         changes: dict[str, object] = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            key = f"{prefix}{field.name}"
-            if isinstance(value, LayerMemory):
-                changes[field.name] = value.with_tensors(tensors, f"{key}.")
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            key = f"{prefix}{item.name}"
+            if item.metadata.get("cache"):
+                changes[item.name] = None
+            elif isinstance(value, LayerMemory):
+                changes[item.name] = value.with_tensors(tensors, f"{key}.")
             elif isinstance(value, Tensor):
                 if key not in tensors:
                     raise KeyError(f"memory tensor {key!r} is missing")
-                changes[field.name] = tensors[key].to(device=value.device, dtype=value.dtype)
+                changes[item.name] = tensors[key].to(device=value.device, dtype=value.dtype)
         return dataclasses.replace(self, **changes)
 
 

@@ -17,18 +17,24 @@ from expire_span.config import ModelConfig
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotates channel pairs ``(x[:d/2], x[d/2:])`` by ``position * base^(-2k/d)``."""
+    """Rotates channel pairs ``(x[:d/2], x[d/2:])`` by ``step * base^(-2k/d)``.
+
+    Angles are computed as ``(step * frequency) mod 2 pi`` in float64, then cos and sin in the
+    working precision: exact at any absolute step (a float32 product would lose the angle beyond
+    a few thousand steps), so keys can be rotated once, at their own step, and cached.
+    """
 
     inv_freq: Tensor
 
     def __init__(self, head_dim: int, base: float) -> None:
         super().__init__()
         exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
-        self.register_buffer("inv_freq", (base**-exponents).float(), persistent=False)
+        self.register_buffer("inv_freq", base**-exponents, persistent=False)
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        """``x``: ``[B, H, N, d]``; ``positions``: float, broadcastable to ``[B, 1, N]``."""
-        angles = positions.unsqueeze(-1) * self.inv_freq  # [..., N, d/2]
+    def forward(self, x: Tensor, steps: Tensor) -> Tensor:
+        """``x``: ``[..., N, H, d]``; ``steps``: int64 ``[N]`` or ``[B, N]`` absolute steps."""
+        angles = steps.unsqueeze(-1).double() * self.inv_freq.double()
+        angles = torch.remainder(angles, 2 * math.pi).float().unsqueeze(-2)  # [..., N, 1, d/2]
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         first, second = x.chunk(2, dim=-1)
         return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
@@ -48,38 +54,41 @@ class MultiHeadAttention(nn.Module):
         self.dropout = config.dropout
         self.fused = config.attention in ("auto", "sdpa")
 
+    def _split(self, x: Tensor) -> Tensor:
+        """``[B, N, D]`` -> ``[B, N, H, d]``."""
+        return x.view(*x.shape[:-1], self.n_heads, self.head_dim)
+
     def _heads(self, x: Tensor) -> Tensor:
-        batch, length, _ = x.shape
-        return x.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        """``[B, N, D]`` -> ``[B, H, N, d]``."""
+        return self._split(x).transpose(1, 2)
+
+    def keys_values(self, key_inputs: Tensor, key_steps: Tensor) -> Tensor:
+        """``[B, N, 2 D]``: keys rotated at their absolute steps (``[B, N]``), then values."""
+        keys, values = self.key_value(key_inputs).chunk(2, dim=-1)
+        keys = self.rotary(self._split(keys), key_steps).flatten(-2)
+        return torch.cat([keys, values], dim=-1)
 
     def forward(
         self,
         query_inputs: Tensor,
-        key_inputs: Tensor,
         query_steps: Tensor,
-        key_steps: Tensor,
+        key_values: Tensor,
         bias: Tensor,
     ) -> Tensor:
         """Attend.
 
         Args:
             query_inputs: ``[B, T, D]``.
-            key_inputs: ``[B, N, D]``.
             query_steps: ``[T]`` int64 absolute steps of the queries.
-            key_steps: ``[B, N]`` int64 absolute steps of the keys.
+            key_values: ``[B, N, 2 D]`` from :meth:`keys_values`.
             bias: ``[B, 1 or H, T, N]`` additive scores (``-inf`` hides a key).
 
         Returns:
             ``[B, T, D]``.
         """
-        # Steps are made relative to the first query so angles stay small and exact in float32.
-        origin = query_steps[0]
-        query_pos = (query_steps - origin).to(torch.float32)
-        key_pos = (key_steps - origin).to(torch.float32).unsqueeze(1)  # [B, 1, N]
-        q = self.rotary(self._heads(self.query(query_inputs)), query_pos)
-        keys, values = self.key_value(key_inputs).chunk(2, dim=-1)
-        k = self.rotary(self._heads(keys), key_pos)
-        v = self._heads(values)
+        q = self.rotary(self._split(self.query(query_inputs)), query_steps).transpose(1, 2)
+        keys, values = key_values.chunk(2, dim=-1)
+        k, v = self._heads(keys), self._heads(values)
         dropout = self.dropout if self.training else 0.0
         if self.fused:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),

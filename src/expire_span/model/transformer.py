@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -41,10 +42,6 @@ class LayerOutput:
     memory_size: Tensor
 
 
-def _detach(memory: LayerMemory) -> LayerMemory:
-    return memory.with_tensors({k: v.detach() for k, v in memory.tensors().items()})
-
-
 class FeedForward(nn.Sequential):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(
@@ -75,10 +72,16 @@ class TransformerLayer(nn.Module):
         queries = hidden.shape[1]
         states = self.policy.context_states(memory, hidden, steps)
         inputs = self.norm_attention(states.hidden) if self.config.pre_norm else states.hidden
+        key_values = self._key_values(states, inputs, queries)
+        if self._caching():
+            states = dataclasses.replace(states, kv=key_values, kv_version=self._kv_version())
         age = steps.view(1, -1, 1) - states.steps.unsqueeze(1)  # [B, T, N]
         visible = states.valid.unsqueeze(1) & (age >= 0)
+        # Packing the memory moves all of it; attending a dead slot costs one query per slot.
+        # Packing once the dead slots reach width / (8 T) bounds both costs to about 1/8.
+        slack = states.width // (8 * queries)
         context = BlockContext(
-            states, inputs, age, visible, int(steps[-1]) + 1, block_uniform, self.readout
+            states, inputs, age, visible, int(steps[-1]) + 1, block_uniform, self.readout, slack
         )
         decision = self.policy.decide(context)
 
@@ -88,7 +91,7 @@ class TransformerLayer(nn.Module):
         else:
             bias = decision.bias
         bias = bias.masked_fill(hidden_keys, float("-inf"))
-        attended = self.attention(inputs[:, -queries:], inputs, steps, states.steps, bias)
+        attended = self.attention(inputs[:, -queries:], steps, key_values, bias)
         with torch.no_grad():  # earlier steps seen with non-zero weight (the query itself excluded)
             rows = bias.numel() // bias.shape[-1]
             memory_size = (bias > float("-inf")).sum() / rows - 1.0
@@ -99,8 +102,29 @@ class TransformerLayer(nn.Module):
         else:
             hidden = self.norm_attention(hidden + self.dropout(attended))
             hidden = self.norm_feed_forward(hidden + self.dropout(self.feed_forward(hidden)))
-        new_memory = _detach(self.policy.update(context, decision))
+        new_memory = self.policy.update(context, decision).detach()
         return LayerOutput(hidden, new_memory, decision.aux_loss, memory_size)
+
+    def _kv_version(self) -> tuple[int, ...]:
+        """Identifies the parameters keys and values depend on: a cache made with other values
+        (after an optimizer step, a load, a move) is never used."""
+        tensors = (self.attention.key_value.weight, self.norm_attention.weight,
+                   self.norm_attention.bias)
+        return tuple(x for t in tensors for x in (t.data_ptr(), t._version))
+
+    def _caching(self) -> bool:
+        """Keys and values are cached in the memory for inference only (eval, no gradients)."""
+        return not self.training and not torch.is_grad_enabled()
+
+    def _key_values(self, states: LayerMemory, inputs: Tensor, queries: int) -> Tensor:
+        """Keys and values of all states: the memory's cached ones when valid (inference), so
+        only the block's own states are projected; all of them otherwise."""
+        cached = states.kv
+        if (self._caching() and cached is not None and states.kv_version == self._kv_version()
+                and cached.shape[1] == states.width - queries):
+            fresh = self.attention.keys_values(inputs[:, -queries:], states.steps[:, -queries:])
+            return torch.cat([cached, fresh], dim=1)
+        return self.attention.keys_values(inputs, states.steps)
 
     def readout(self, queries: Tensor, keys: Tensor, key_valid: Tensor) -> Tensor:
         """This layer's normalisation and content attention with every parameter detached

@@ -52,6 +52,8 @@ class BlockContext:
             randomise per block during training (0.5 outside training).
         readout: the layer's attention as a fixed function, for auxiliary objectives that must
             not train the attention (see :data:`Readout`); ``None`` outside a layer.
+        compaction_slack: dead slots a memory may keep before it is packed (see
+            :meth:`LayerMemory.select`); the layer sets it from the block length.
     """
 
     states: LayerMemory
@@ -61,6 +63,7 @@ class BlockContext:
     next_step: int
     block_uniform: float = 0.5
     readout: Readout | None = None
+    compaction_slack: int = 0
 
     @property
     def num_queries(self) -> int:
@@ -115,7 +118,7 @@ class MemoryPolicy(nn.Module):
 
     def update(self, context: BlockContext, decision: MaskDecision) -> LayerMemory:
         """The memory for the next block (the layer detaches it)."""
-        return context.states.select(decision.keep)
+        return context.states.select(decision.keep, context.compaction_slack)
 
     def after_optimizer_step(self) -> None:
         """Called by trainers after every optimizer step."""
