@@ -25,14 +25,24 @@ SPLITS = ("train", "valid", "test")
 @dataclass
 class Batch:
     """``tokens`` ``[B, T]`` inputs, ``targets`` ``[B, T]`` next tokens, ``weights`` ``[B, T]``
-    (1 where a position counts for the loss and the metrics, 0 elsewhere)."""
+    (1 where a position counts for the loss and the metrics, 0 elsewhere).
+
+    ``reset`` (``[B]`` bool, optional) marks the rows whose stream does not continue the previous
+    batch of that row (a new document starts, or the row jumps elsewhere in the data): the trainer
+    and :func:`~expire_span.training.evaluate` forget those rows' memory before reading the batch,
+    so that no memory crosses a document boundary. ``None`` means every row continues.
+    """
 
     tokens: Tensor
     targets: Tensor
     weights: Tensor
+    reset: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.tokens.to(device), self.targets.to(device), self.weights.to(device))
+        reset = None if self.reset is None else self.reset.to(device)
+        return Batch(
+            self.tokens.to(device), self.targets.to(device), self.weights.to(device), reset
+        )
 
 
 @dataclass
