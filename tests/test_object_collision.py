@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from expire_span.tasks import build_task
+from expire_span.cli import main
+from expire_span.tasks import available_tasks, build_task
 from expire_span.tasks.object_collision import CollisionOptions, CollisionSimulator
-from expire_span.training import RunConfig, Trainer, get_preset
+from expire_span.training import DEFAULT_PRESETS, RunConfig, Trainer, get_preset
 from tests.collision_reference import reference_simulation
 
 OPTION_SETS = [
@@ -130,3 +131,14 @@ def test_gpu_presets_carry_the_papers_hyperparameters():
     enwik8 = get_preset("enwik8-12l").config
     assert (enwik8["model"]["n_layers"], enwik8["model"]["max_span"],
             enwik8["model"]["block_len"], enwik8["train"]["lr"]) == (12, 16384, 512, 7e-4)
+
+
+def test_every_task_has_a_listed_default_cpu_preset(capsys):
+    assert main(["presets"]) == 0
+    listed = capsys.readouterr().out
+    for task in available_tasks():
+        assert f"* {DEFAULT_PRESETS[task]}" in listed
+        assert get_preset(DEFAULT_PRESETS[task]).config["task"] == task
+    for name in ("enwik8-12l", "object-collision-16k", "object-collision-32k",
+                 "object-collision-64k"):
+        assert name in listed

@@ -23,7 +23,7 @@ padding until the longest row is done.
 from __future__ import annotations
 
 import math
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -36,7 +36,7 @@ from expire_span.tasks.hashing import uniform_ints
 _OFFSET = -2  # hash coordinate reserved for the rows' starting offsets
 
 
-class Documents:
+class Documents(ABC):
     """The documents of one split. Subclasses provide ``lengths`` and :meth:`windows`."""
 
     lengths: np.ndarray

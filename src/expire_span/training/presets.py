@@ -83,10 +83,10 @@ def _text_cpu(task: str, description: str, task_options: dict[str, Any]) -> Pres
             "task_options": task_options,
             "model": {
                 "d_model": 128, "n_layers": 3, "n_heads": 4, "block_len": 64, "max_span": 1024,
-                "ramp": 32, "alpha": 1e-6, "init_percentage": 0.25, "pre_div": 8.0,
+                "ramp": 32, "alpha": 1e-6, "init_percentage": 0.1, "pre_div": 8.0,
             },
             "train": {
-                "steps": 1500, "batch_size": 16, "seq_len": 128, "lr": 2e-3, "warmup": 100,
+                "steps": 1000, "batch_size": 16, "seq_len": 128, "lr": 2e-3, "warmup": 100,
                 "schedule": "cosine", "eval_every": 500, "eval_batch_size": 8, "log_every": 50,
                 "checkpoint_every": 500,
             },
