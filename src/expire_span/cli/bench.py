@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expire-span bench",
         description="Measure training time per batch, peak memory and average memory size of "
-        "memory policies at several maximum spans L (lists are comma-separated).",
+        "memory policies at several maximum spans L (lists are space-separated: "
+        "--spans 1024 4096).",
     )
     parser.add_argument("--checkpoint", help="measure a trained run (on its task) against "
                         "Transformer-XL instead of synthetic cases")

@@ -31,7 +31,7 @@ def run(argv: list[str]) -> int:
     train = loaded.run.train
     metrics = evaluate(
         loaded.model, loaded.run.build_task(), args.split,
-        batch_size=args.batch_size or train.batch_size, seq_len=loaded.run.seq_len,
+        batch_size=args.batch_size or loaded.run.eval_batch_size, seq_len=loaded.run.seq_len,
         max_batches=args.batches or train.eval_batches, progress=not args.no_progress,
     )
     result = {"checkpoint": str(loaded.path), "step": loaded.step, "split": args.split,

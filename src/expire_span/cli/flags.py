@@ -14,14 +14,22 @@ import inspect
 import textwrap
 import types
 import typing
-from collections.abc import Callable
 from functools import cache
 from typing import Any
 
 
 @cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstrings written under each field of a dataclass (read from its source)."""
+    """The docstrings written under each field of a dataclass and of its dataclass bases (read
+    from their source)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
@@ -44,20 +52,12 @@ def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "null") else int(text)
 
 
-def _comma_list(item: type) -> Callable[[str], list[Any]]:
-    def parse(text: str) -> list[Any]:
-        return [item(part) for part in text.split(",") if part.strip()]
-
-    parse.__name__ = f"comma-separated {item.__name__}s"
-    return parse
-
-
 def _parser_for(annotation: Any) -> Any:
-    """argparse ``type`` for a field annotation (None for booleans)."""
+    """argparse ``type`` for a field annotation (None for booleans; for ``list[X]``, X's)."""
     origin = typing.get_origin(annotation)
     if origin is list:
-        return _comma_list(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType):
+        annotation = typing.get_args(annotation)[0]
+    elif origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
         if inner == [int]:
             return _optional_int
@@ -84,7 +84,10 @@ def add_dataclass_flags(
         if field.name in exclude:
             continue
         names = [f"--{field.name.replace('_', '-')}", *(aliases or {}).get(field.name, [])]
-        default = field.default if field.default is not dataclasses.MISSING else None
+        default = field.default
+        if default is dataclasses.MISSING:
+            factory = field.default_factory
+            default = None if factory is dataclasses.MISSING else factory()
         help_text = f"{docs.get(field.name, '')} (default: {default})".strip()
         kind = _parser_for(hints[field.name])
         if kind is None:
@@ -92,9 +95,10 @@ def add_dataclass_flags(
                                 action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         else:
+            many = {"nargs": "+"} if typing.get_origin(hints[field.name]) is list else {}
             parser.add_argument(*names, dest=f"{section}.{field.name}", type=kind,
                                 default=argparse.SUPPRESS, metavar=field.name.upper(),
-                                help=help_text)
+                                help=help_text, **many)
 
 
 def given_sections(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

@@ -40,10 +40,10 @@ def run(argv: list[str]) -> int:
     if not text:
         raise ValueError(f"{path} is empty")
     loaded = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
-    task = loaded.run.build_task()
-    tokens = task.encode(text)
+    codec = loaded.run.text_codec()
+    tokens = codec.encode(text).tolist()
     spans = token_spans(loaded.model, torch.tensor(tokens, dtype=torch.long))
-    labels = [task.decode([token]) for token in tokens]
+    labels = [codec.decode([token]) for token in tokens]
     max_span = loaded.model.config.max_span
     title = f"{path.name}: expire-spans of {loaded.path}"
     out = Path(args.out)

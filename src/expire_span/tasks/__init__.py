@@ -6,9 +6,18 @@ from typing import Any
 
 from expire_span.tasks.base import SPLITS, Batch, MetricAccumulator, SequenceTask, Shard
 from expire_span.tasks.copy import CopyOptions, CopyTask
+from expire_span.tasks.enwik8 import Enwik8Task
+from expire_span.tasks.object_collision import ObjectCollisionTask
+from expire_span.tasks.pg19 import PG19Task
+from expire_span.tasks.streams import StreamTask
+from expire_span.tasks.text import TextTask
 
 _REGISTRY: dict[str, type[SequenceTask]] = {
     CopyTask.name: CopyTask,
+    Enwik8Task.name: Enwik8Task,
+    PG19Task.name: PG19Task,
+    TextTask.name: TextTask,
+    ObjectCollisionTask.name: ObjectCollisionTask,
 }
 
 
@@ -41,9 +50,14 @@ __all__ = [
     "Batch",
     "CopyOptions",
     "CopyTask",
+    "Enwik8Task",
     "MetricAccumulator",
+    "ObjectCollisionTask",
+    "PG19Task",
     "SequenceTask",
     "Shard",
+    "StreamTask",
+    "TextTask",
     "available_tasks",
     "build_task",
     "task_class",

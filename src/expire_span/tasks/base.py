@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -25,14 +26,24 @@ SPLITS = ("train", "valid", "test")
 @dataclass
 class Batch:
     """``tokens`` ``[B, T]`` inputs, ``targets`` ``[B, T]`` next tokens, ``weights`` ``[B, T]``
-    (1 where a position counts for the loss and the metrics, 0 elsewhere)."""
+    (1 where a position counts for the loss and the metrics, 0 elsewhere).
+
+    ``reset`` (``[B]`` bool, optional) marks the rows whose stream does not continue the previous
+    batch of that row (a new document starts, or the row jumps elsewhere in the data): the trainer
+    and :func:`~expire_span.training.evaluate` forget those rows' memory before reading the batch,
+    so that no memory crosses a document boundary. ``None`` means every row continues.
+    """
 
     tokens: Tensor
     targets: Tensor
     weights: Tensor
+    reset: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.tokens.to(device), self.targets.to(device), self.weights.to(device))
+        reset = None if self.reset is None else self.reset.to(device)
+        return Batch(
+            self.tokens.to(device), self.targets.to(device), self.weights.to(device), reset
+        )
 
 
 @dataclass
@@ -46,6 +57,16 @@ class Shard:
     @property
     def rows(self) -> range:
         return range(self.index * self.batch_size, (self.index + 1) * self.batch_size)
+
+
+class TextCodec(Protocol):
+    """Maps text to token ids and back (characters or bytes)."""
+
+    size: int
+
+    def encode(self, text: str) -> np.ndarray: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
 
 
 class SequenceTask(ABC):
@@ -84,15 +105,12 @@ class SequenceTask(ABC):
         """Task metrics computed from the mean loss (nats) and accuracy of counted positions."""
         return {}
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of a text (text tasks override this; generation and span analysis use it)."""
-        raise ValueError(f"task {self.name!r} has no text form; generation and span analysis "
-                         "need a text task")
-
-    def decode(self, tokens: list[int]) -> str:
-        """The text of token ids (the inverse of :meth:`encode`)."""
-        raise ValueError(f"task {self.name!r} has no text form; generation and span analysis "
-                         "need a text task")
+    @classmethod
+    def text_codec(cls, options: Any) -> TextCodec:
+        """How text maps to token ids, built from the options alone (no data is read), so that
+        generation and span analysis work from a checkpoint. Text tasks override it."""
+        raise ValueError(f"task {cls.name!r} has no text form; generation and span analysis "
+                         "need a text task (text, pg19, enwik8)")
 
     def options_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)

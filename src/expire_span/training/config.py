@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from expire_span.config import ModelConfig
-from expire_span.tasks import build_task
+from expire_span.tasks import build_task, task_class
+from expire_span.tasks.base import TextCodec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,6 +44,9 @@ class TrainConfig:
     eval_every: int = 200
     eval_batches: int = 20
     """Batches per periodic evaluation (language-modelling tasks read the whole split)."""
+    eval_batch_size: int | None = None
+    """Streams read in parallel in evaluation; ``None`` means ``batch_size``. Data tasks give each
+    stream a contiguous slice of the split: fewer, longer streams read less of it cold."""
     log_every: int = 20
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
@@ -57,6 +61,10 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len is not None and self.seq_len < 1:
             raise ValueError(f"train.seq_len must be >= 1 or None, got {self.seq_len}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ValueError(
+                f"train.eval_batch_size must be >= 1 or None, got {self.eval_batch_size}"
+            )
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if self.warmup < 0 or self.grad_clip < 0 or self.weight_decay < 0:
@@ -76,6 +84,11 @@ class RunConfig:
     def build_task(self):
         return build_task(self.task, self.task_options)
 
+    def text_codec(self) -> TextCodec:
+        """The run's text-to-token mapping, from its recorded options (its data is not read)."""
+        cls = task_class(self.task)
+        return cls.text_codec(cls.Options(**self.task_options))
+
     def model_config(self, vocab_size: int) -> ModelConfig:
         if "vocab_size" in self.model:
             raise ValueError("model.vocab_size is set by the task, do not give it")
@@ -85,6 +98,10 @@ class RunConfig:
     def seq_len(self) -> int:
         block_len = self.model.get("block_len", ModelConfig.block_len)
         return self.train.seq_len or block_len
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.train.eval_batch_size or self.train.batch_size
 
     def resolved(self) -> RunConfig:
         """A copy with every task option and model field spelled out (what a run records), after

@@ -5,8 +5,17 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from expire_span.memory import Memory
 from expire_span.model import MemoryTransformer
-from expire_span.tasks import MetricAccumulator, SequenceTask
+from expire_span.tasks import Batch, MetricAccumulator, SequenceTask
+
+
+def forget_restarted_rows(memory: Memory | None, batch: Batch) -> Memory | None:
+    """``memory`` with the rows that ``batch.reset`` starts afresh forgotten, so that no memory
+    crosses a document boundary (the trainer and :func:`evaluate` call this before each batch)."""
+    if memory is None or batch.reset is None or not bool(batch.reset.any()):
+        return memory
+    return memory.reset(batch.reset)
 
 
 @torch.no_grad()
@@ -23,7 +32,8 @@ def evaluate(
     that are scored).
 
     The model is put in eval mode (and restored afterwards); memory starts empty and is carried
-    from batch to batch, the way the paper evaluates.
+    from batch to batch, the way the paper evaluates, except for rows the task marks as starting
+    a new document (``Batch.reset``).
     """
     was_training = model.training
     model.eval()
@@ -34,7 +44,7 @@ def evaluate(
     try:
         for batch in task.eval_batches(split, batch_size, seq_len, max_batches):
             batch = batch.to(model.device)
-            out = model(batch.tokens, memory)
+            out = model(batch.tokens, forget_restarted_rows(memory, batch))
             memory = out.memory
             accumulator.update(out.logits, batch)
             if bool(batch.weights.any()):  # warm-up batches are read but not measured

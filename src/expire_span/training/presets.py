@@ -75,8 +75,109 @@ _PRESETS = [
     ),
 ]
 
+
+
+def _text_cpu(task: str, description: str, task_options: dict[str, Any]) -> Preset:
+    """The small character / byte language model shared by the CPU presets of text tasks."""
+    return Preset(
+        f"{task}-cpu",
+        description,
+        {
+            "task": task,
+            "task_options": task_options,
+            "model": {
+                "d_model": 128, "n_layers": 3, "n_heads": 4, "block_len": 64, "max_span": 1024,
+                "ramp": 32, "alpha": 1e-6, "init_percentage": 0.1, "pre_div": 8.0,
+            },
+            "train": {
+                "steps": 1000, "batch_size": 16, "seq_len": 128, "lr": 2e-3, "warmup": 100,
+                "schedule": "cosine", "eval_every": 500, "eval_batch_size": 8, "log_every": 50,
+                "checkpoint_every": 500,
+            },
+        },
+    )
+
+
+def _collision_gpu(span: int, noisy: bool) -> Preset:
+    """The released Object Collision runs (SPEC.md section 5): 6 layers, d=512, M=256."""
+    return Preset(
+        f"object-collision-{span // 1024}k",
+        f"object collision with the paper's hyperparameters, max span L={span} (a GPU preset)",
+        {
+            "task": "object-collision",
+            "model": {
+                "d_model": 512, "n_layers": 6, "n_heads": 4, "d_inner": 1024, "block_len": 256,
+                "max_span": span, "dropout": 0.1, "pre_norm": True, "memory": "expire-span",
+                "ramp": 128, "alpha": 2e-6, "init_percentage": 0.01, "noisy": noisy,
+            },
+            "train": {
+                "steps": 100_000, "batch_size": 512, "seq_len": 256, "lr": 1e-4,
+                "warmup": 1000, "grad_clip": 0.1, "eval_batch_size": 64, "eval_every": 1000,
+                "log_every": 100, "checkpoint_every": 1000,
+            },
+        },
+    )
+
+
+_PRESETS += [
+    _text_cpu("text", "character-level LM on your text files (--data), L=1024: minutes on CPU", {}),
+    _text_cpu("pg19", "character-level PG-19 (--data DIR), small model, scores only the first "
+              "200k characters of a split (--eval-tokens none for all): a CPU preset",
+              {"eval_tokens": 200_000}),
+    _text_cpu("enwik8", "byte-level enwik8 (--data), small model, scores only the first 200k "
+              "bytes of a split (--eval-tokens none for all): a CPU preset",
+              {"eval_tokens": 200_000}),
+    Preset(
+        "enwik8-12l",
+        "enwik8 with the paper's 12-layer Expire-Span (SPEC.md section 5): L=16384, M=512 (GPU)",
+        {
+            "task": "enwik8",
+            "model": {
+                "d_model": 512, "n_layers": 12, "n_heads": 8, "d_inner": 2048, "block_len": 512,
+                "max_span": 16384, "dropout": 0.3, "pre_norm": False, "memory": "expire-span",
+                "ramp": 128, "alpha": 1e-6, "init_percentage": 0.1, "noisy": True,
+            },
+            "train": {
+                "steps": 100_000, "batch_size": 512, "seq_len": 512, "lr": 7e-4,
+                "warmup": 8000, "grad_clip": 0.3, "eval_batch_size": 128, "eval_every": 1000,
+                "log_every": 100, "checkpoint_every": 1000,
+            },
+        },
+    ),
+    Preset(
+        "object-collision-cpu",
+        "object collision on an 8x8 grid (collisions 4x as frequent as on 16x16), 2M training "
+        "frames, L=1024: a CPU preset",
+        {
+            "task": "object-collision",
+            "task_options": {
+                "grid": 8, "train_frames": 2_000_000, "valid_frames": 20_000,
+                "test_frames": 20_000, "simulation_frames": 10_000,
+            },
+            "model": {
+                "d_model": 64, "n_layers": 2, "n_heads": 4, "block_len": 64, "max_span": 1024,
+                "ramp": 32, "alpha": 2e-6, "init_percentage": 0.5, "pre_div": 8.0,
+            },
+            "train": {
+                "steps": 1000, "batch_size": 16, "seq_len": 256, "lr": 2e-3, "warmup": 50,
+                "eval_every": 500, "eval_batch_size": 8, "log_every": 50,
+                "checkpoint_every": 500,
+            },
+        },
+    ),
+    _collision_gpu(16384, noisy=False),
+    _collision_gpu(32768, noisy=False),
+    _collision_gpu(65536, noisy=True),
+]
+
 PRESETS: dict[str, Preset] = {preset.name: preset for preset in _PRESETS}
-DEFAULT_PRESETS: dict[str, str] = {"copy": "copy-cpu"}
+DEFAULT_PRESETS: dict[str, str] = {
+    "copy": "copy-cpu",
+    "text": "text-cpu",
+    "pg19": "pg19-cpu",
+    "enwik8": "enwik8-cpu",
+    "object-collision": "object-collision-cpu",
+}
 
 
 def get_preset(name: str) -> Preset:

@@ -29,14 +29,14 @@ from expire_span.training.checkpoint import (
     write_json_atomic,
 )
 from expire_span.training.config import RunConfig, TrainConfig
-from expire_span.training.evaluate import evaluate
+from expire_span.training.evaluate import evaluate, forget_restarted_rows
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 RUN_CONFIG_FILE = "config.json"
 RESUMABLE_TRAIN_FIELDS = frozenset(
-    {"steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "keep_checkpoints",
-     "device"}
+    {"steps", "eval_every", "eval_batches", "eval_batch_size", "log_every", "checkpoint_every",
+     "keep_checkpoints", "device"}
 )
 
 
@@ -230,7 +230,7 @@ class Trainer:
 
     def evaluate(self, split: str = "valid", progress: bool = False) -> dict[str, float]:
         return evaluate(
-            self.model, self.task, split, self.train_cfg.batch_size, self.run.seq_len,
+            self.model, self.task, split, self.run.eval_batch_size, self.run.seq_len,
             self.train_cfg.eval_batches, progress=progress,
         )
 
@@ -277,7 +277,7 @@ class Trainer:
     def _train_step(self, step: int, interval: _Interval) -> None:
         batch = self.task.batch("train", step, self.shard.rows, self.run.seq_len).to(self.device)
         self.model.train()
-        out = self.model(batch.tokens, self.memory)
+        out = self.model(batch.tokens, forget_restarted_rows(self.memory, batch))
         task_loss = interval.metrics.update(out.logits, batch)
         loss = task_loss + out.aux_loss
         if not torch.isfinite(loss):
