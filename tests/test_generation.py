@@ -45,6 +45,14 @@ def test_generation_never_lets_memory_exceed_what_the_policy_allows(policy):
     assert 0 < largest <= limit
 
 
+def test_banned_tokens_are_never_generated():
+    model = tiny_model()
+    banned = list(range(12))  # only token 12 is left
+    steps = generate_stream(model, PROMPT, 20, seed=0, banned=banned)
+    tokens = torch.stack([step.tokens for step in steps], dim=1)
+    assert (tokens == 12).all()
+
+
 def test_greedy_generation_takes_the_argmax():
     model = tiny_model()
     steps = list(generate_stream(model, PROMPT, 5, temperature=0))

@@ -100,7 +100,7 @@ def render_png(text: list[str], spans: Tensor, max_span: int, path: Path, title:
 
     layers, length = spans.shape
     lines = -(-length // columns)
-    figure, axes = plt.subplots(layers, 1, squeeze=False,
+    figure, axes = plt.subplots(layers, 1, squeeze=False, layout="constrained",
                                 figsize=(columns * 0.13 + 1.5, layers * (lines * 0.2 + 0.6)))
     grid = torch.full((lines * columns,), float("nan"))
     for layer in range(layers):
@@ -119,6 +119,5 @@ def render_png(text: list[str], spans: Tensor, max_span: int, path: Path, title:
         axis.set_title(f"layer {layer}", fontsize=9, loc="left")
         figure.colorbar(image, ax=axis, fraction=0.02, pad=0.01, label="span")
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
     figure.savefig(path, dpi=130)
     plt.close(figure)

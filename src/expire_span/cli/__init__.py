@@ -14,16 +14,17 @@ commands:
   eval      evaluate a saved run on a split
   presets   list the named hyperparameter sets
   bench     time and memory of memory policies against the maximum span
+  generate  continue a prompt with a trained text model (streams the text)
   spans     the expire-span of every character of a text (PNG heat map and HTML)
   plot      training curves of a run
 """
 
 
 def _commands() -> dict[str, Callable[[list[str]], int]]:
-    from expire_span.cli import bench, evaluate, plot, presets, spans, train
+    from expire_span.cli import bench, evaluate, generate, plot, presets, spans, train
 
     return {"train": train.run, "eval": evaluate.run, "presets": presets.run, "bench": bench.run,
-            "spans": spans.run, "plot": plot.run}
+            "spans": spans.run, "plot": plot.run, "generate": generate.run}
 
 
 def main(argv: list[str] | None = None) -> int:

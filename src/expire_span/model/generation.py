@@ -70,8 +70,10 @@ def generate_stream(
     top_p: float | None = None,
     seed: int | None = None,
     memory: Memory | None = None,
+    banned: list[int] | None = None,
 ) -> Iterator[GeneratedToken]:
-    """Yield ``max_new_tokens`` sampled tokens one by one (see :func:`generate`)."""
+    """Yield ``max_new_tokens`` sampled tokens one by one (see :func:`generate`); ``banned``
+    token ids are never produced (e.g. a vocabulary's unknown symbol)."""
     prompt = _check(prompt, max_new_tokens, temperature, top_k, top_p)
     was_training = model.training
     model.eval()
@@ -84,6 +86,8 @@ def generate_stream(
         out = model(prompt, memory)
         for index in range(max_new_tokens):
             logits = out.logits[:, -1].float()
+            if banned:
+                logits[:, banned] = float("-inf")
             if temperature == 0:
                 tokens = logits.argmax(dim=-1)
             else:

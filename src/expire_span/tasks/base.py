@@ -63,6 +63,7 @@ class TextCodec(Protocol):
     """Maps text to token ids and back (characters or bytes)."""
 
     size: int
+    unknown_id: int | None
 
     def encode(self, text: str) -> np.ndarray: ...
 

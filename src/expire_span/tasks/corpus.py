@@ -98,6 +98,9 @@ class CharVocabulary:
         self._ids = np.zeros(int(codes.max(initial=-1)) + 2, dtype=np.int64)
         self._ids[codes] = np.arange(1, len(chars) + 1)
 
+    unknown_id = 0
+    """Id of the unknown symbol (never a character to generate)."""
+
     @classmethod
     def from_counts(cls, counts: Counter[str]) -> CharVocabulary:
         return cls("".join(sorted(counts)))
@@ -124,6 +127,7 @@ class ByteVocabulary:
 
     size = 256
     dtype = np.uint8
+    unknown_id = None
 
     def encode(self, text: str | bytes) -> np.ndarray:
         data = text.encode("utf-8") if isinstance(text, str) else text
