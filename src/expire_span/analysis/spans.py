@@ -53,18 +53,25 @@ def token_spans(model: MemoryTransformer, tokens: Tensor) -> Tensor:
     return model.config.max_span * torch.sigmoid(logits.float()).cpu()
 
 
-def _colours(spans: Tensor, max_span: int) -> list[list[tuple[int, int, int]]]:
+def colour_scale(spans: Tensor) -> float:
+    """The top of the colour scale: the largest span shown (spans of a short run are far below L,
+    and a 0..L scale would paint them all alike)."""
+    return max(float(spans.max()), 1.0)
+
+
+def _colours(spans: Tensor, top: float) -> list[list[tuple[int, int, int]]]:
     import matplotlib
 
     colormap = matplotlib.colormaps["viridis"]
-    values = (spans / max_span).clamp(0, 1).tolist()
+    values = (spans / top).clamp(0, 1).tolist()
     return [[tuple(int(255 * c) for c in colormap(v)[:3]) for v in row] for row in values]
 
 
 def render_html(text: list[str], spans: Tensor, max_span: int, path: Path, title: str) -> None:
     """A self-contained page: one section per layer, every character coloured by its span, the
     value shown on hover."""
-    colours = _colours(spans, max_span)
+    top = colour_scale(spans)
+    colours = _colours(spans, top)
     sections = []
     for layer, row in enumerate(colours):
         cells = []
@@ -83,7 +90,8 @@ def render_html(text: list[str], spans: Tensor, max_span: int, path: Path, title
 line-height:1.6;white-space:pre-wrap;word-break:break-all}} .t span{{padding:1px 0}}</style>
 </head><body><h1>{html.escape(title)}</h1>
 <p>Each character is coloured by the expire-span the model predicted for it (dark: forgotten at
-once, bright: kept up to L={max_span} steps). Hover a character for its value.</p>
+once, bright: the longest span on this page, {top:.0f} steps; the model's maximum is
+L={max_span}). Hover a character for its value.</p>
 {chr(10).join(sections)}
 </body></html>
 """
@@ -100,6 +108,7 @@ def render_png(text: list[str], spans: Tensor, max_span: int, path: Path, title:
 
     layers, length = spans.shape
     lines = -(-length // columns)
+    top = colour_scale(spans)
     figure, axes = plt.subplots(layers, 1, squeeze=False, layout="constrained",
                                 figsize=(columns * 0.13 + 1.5, layers * (lines * 0.2 + 0.6)))
     grid = torch.full((lines * columns,), float("nan"))
@@ -107,17 +116,17 @@ def render_png(text: list[str], spans: Tensor, max_span: int, path: Path, title:
         axis = axes[layer, 0]
         grid[:length] = spans[layer]
         image = axis.imshow(grid.view(lines, columns).numpy(), cmap="viridis", vmin=0,
-                            vmax=max_span, aspect="auto", interpolation="nearest")
+                            vmax=top, aspect="auto", interpolation="nearest")
         for index, char in enumerate(text):
             if char.strip():
-                value = float(spans[layer, index]) / max_span
+                value = float(spans[layer, index]) / top
                 axis.text(index % columns, index // columns, char, ha="center", va="center",
                           fontsize=6, family="monospace",
                           color="black" if value > 0.6 else "white")
         axis.set_xticks([])
         axis.set_yticks([])
         axis.set_title(f"layer {layer}", fontsize=9, loc="left")
-        figure.colorbar(image, ax=axis, fraction=0.02, pad=0.01, label="span")
+        figure.colorbar(image, ax=axis, fraction=0.02, pad=0.01, label=f"span (L={max_span})")
     figure.suptitle(title, fontsize=10)
     figure.savefig(path, dpi=130)
     plt.close(figure)
