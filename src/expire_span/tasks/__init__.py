@@ -1,4 +1,5 @@
-"""Tasks: data generators and loaders, each a :class:`SequenceTask` registered by name."""
+"""Tasks, each registered by name: data generators and loaders (:class:`SequenceTask`) and
+reinforcement-learning environments (:class:`RLTask`)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,25 @@ from typing import Any
 
 from expire_span.tasks.base import SPLITS, Batch, MetricAccumulator, SequenceTask, Shard
 from expire_span.tasks.copy import CopyOptions, CopyTask
+from expire_span.tasks.rl import CorridorTask, InstructionTask, PortalTask, RLTask
 
-_REGISTRY: dict[str, type[SequenceTask]] = {
+_REGISTRY: dict[str, type[SequenceTask] | type[RLTask]] = {
     CopyTask.name: CopyTask,
+    CorridorTask.name: CorridorTask,
+    PortalTask.name: PortalTask,
+    InstructionTask.name: InstructionTask,
 }
+
+for _task in _REGISTRY.values():
+    if issubclass(_task, RLTask):
+        _task.register_env()
 
 
 def available_tasks() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def task_class(name: str) -> type[SequenceTask]:
+def task_class(name: str) -> type[SequenceTask] | type[RLTask]:
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -25,7 +34,7 @@ def task_class(name: str) -> type[SequenceTask]:
         ) from None
 
 
-def build_task(name: str, options: dict[str, Any] | None = None) -> SequenceTask:
+def build_task(name: str, options: dict[str, Any] | None = None) -> SequenceTask | RLTask:
     """Instantiate a task from its name and a mapping of its options (unknown keys rejected)."""
     cls = task_class(name)
     options = dict(options or {})
@@ -36,15 +45,22 @@ def build_task(name: str, options: dict[str, Any] | None = None) -> SequenceTask
     return cls(cls.Options(**options))
 
 
+def is_rl_task(name: str) -> bool:
+    """Whether the task is an environment (trained by reinforcement learning)."""
+    return issubclass(task_class(name), RLTask)
+
+
 __all__ = [
     "SPLITS",
     "Batch",
     "CopyOptions",
     "CopyTask",
     "MetricAccumulator",
+    "RLTask",
     "SequenceTask",
     "Shard",
     "available_tasks",
     "build_task",
+    "is_rl_task",
     "task_class",
 ]
