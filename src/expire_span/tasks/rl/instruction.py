@@ -9,8 +9,9 @@
   steps (``D`` drawn uniformly from ``[min_delay, max_delay]``), each showing a random
   (colour, object) pair in the same slot as the instruction, then by a choice among ``K``
   distinct pairs, exactly one of which is the instruction.
-- Decoys share an attribute with the instruction where possible (one pair with the same colour,
-  one with the same object), so both tokens of the instruction must be remembered.
+- The options are cells of a small random colour x object grid around the instruction, so decoys
+  share its colour or its object (both tokens must be remembered), yet nothing in the options
+  says which one is the instruction.
 - Actions are ``Discrete(K)``: ignored before the choice; at the choice, action ``k`` picks option
   ``k``, which ends the episode with reward 1 if it is the instruction, else 0.
 
@@ -86,23 +87,27 @@ class InstructionEnv(SymbolicEnv):
         return [int(rng.integers(self.options.colours)), int(rng.integers(self.options.objects))]
 
     def _choice_options(self) -> np.ndarray:
-        """K distinct pairs: the instruction, a same-colour and a same-object decoy (when they
-        exist and K allows), then random other pairs; in random order."""
+        """K distinct pairs including the instruction, in random order: K cells of a random grid
+        of a few colours x a few objects that contains the instruction (grown one colour or one
+        object at a time, in random order, until it holds K cells).
+
+        The grid keeps decoys close (in a 2 x 2 grid every decoy shares the instruction's colour
+        or object, or is the cell that shares neither), and as the grid's colours and objects and
+        the K - 1 decoy cells are drawn uniformly around the instruction, the instruction is
+        equally likely to be any option whatever the options look like: the choice alone tells
+        nothing. (Taking a same-colour and a same-object decoy every time would make the
+        instruction the one option that shares an attribute with both others.)
+        """
         opts, rng = self.options, self.np_random
-        target = (self.colour, self.item)
-        chosen = [target]
-        decoys = []
-        if opts.objects > 1:
-            other = int(rng.integers(opts.objects - 1))
-            decoys.append((self.colour, other + (other >= self.item)))
-        if opts.colours > 1:
-            other = int(rng.integers(opts.colours - 1))
-            decoys.append((other + (other >= self.colour), self.item))
-        chosen += decoys[: opts.choices - 1]
-        rest = [(c, o) for c in range(opts.colours) for o in range(opts.objects)
-                if (c, o) not in chosen]
-        picks = rng.choice(len(rest), size=opts.choices - len(chosen), replace=False)
-        chosen += [rest[i] for i in picks]
+        rows, cols = 1, 1
+        while rows * cols < opts.choices:
+            grow_rows = rows < opts.colours and (cols == opts.objects or rng.random() < 0.5)
+            rows, cols = (rows + 1, cols) if grow_rows else (rows, cols + 1)
+        colours = [self.colour, *_others(rng, opts.colours, self.colour, rows - 1)]
+        objects = [self.item, *_others(rng, opts.objects, self.item, cols - 1)]
+        decoys = [(c, o) for c in colours for o in objects][1:]  # every cell but the instruction
+        picks = rng.choice(len(decoys), size=opts.choices - 1, replace=False)
+        chosen = [(self.colour, self.item)] + [decoys[i] for i in picks]
         return np.asarray(chosen, dtype=np.int64)[rng.permutation(opts.choices)]
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -126,6 +131,12 @@ class InstructionEnv(SymbolicEnv):
         reward = float(picked[0] == self.colour and picked[1] == self.item)
         blank = self._show(CHOICE, np.zeros((0, 2), dtype=np.int64))
         return blank, reward, True, False, {"success": reward}
+
+
+def _others(rng: np.random.Generator, count: int, excluded: int, size: int) -> list[int]:
+    """``size`` distinct values of ``[0, count)`` other than ``excluded``, in random order."""
+    values = rng.permutation(count - 1)[:size]
+    return [int(v + (v >= excluded)) for v in values]
 
 
 class InstructionTask(RLTask):
