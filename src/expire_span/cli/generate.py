@@ -10,7 +10,7 @@ import torch
 
 from expire_span.model import generate_stream
 from expire_span.training import load_checkpoint
-from expire_span.training.trainer import resolve_device
+from expire_span.training.loop import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ import torch
 
 from expire_span.analysis import render_html, render_png, token_spans
 from expire_span.training import load_checkpoint
-from expire_span.training.trainer import resolve_device
+from expire_span.training.loop import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:

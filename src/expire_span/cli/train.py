@@ -8,13 +8,14 @@ from typing import Any
 
 from expire_span.cli.flags import add_dataclass_flags, given_sections
 from expire_span.config import ModelConfig
-from expire_span.tasks import available_tasks, task_class
+from expire_span.tasks import available_tasks, is_rl_task, task_class
 from expire_span.training import (
     DEFAULT_PRESETS,
+    RLConfig,
     RunConfig,
     TrainConfig,
-    Trainer,
     get_preset,
+    trainer_class,
 )
 from expire_span.training.config import load_config_file, merge
 
@@ -24,7 +25,7 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="named hyperparameters (see `expire-span presets`); "
                         "default: the task's CPU preset")
     parser.add_argument("--config", help="JSON or TOML file with sections task_options, model, "
-                        "train (applied over the preset)")
+                        "train, rl (applied over the preset)")
     parser.add_argument("--out", help="run directory (default: runs/<task>-<model>-<time>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its newest checkpoint")
@@ -44,6 +45,9 @@ def build_parser(task: str, prog: str = "expire-span train") -> argparse.Argumen
     add_dataclass_flags(parser.add_argument_group("training"), TrainConfig, "train")
     add_dataclass_flags(parser.add_argument_group(f"task {task}"), task_class(task).Options,
                         "task_options")
+    if is_rl_task(task):
+        add_dataclass_flags(parser.add_argument_group("reinforcement learning (PPO)"), RLConfig,
+                            "rl")
     return parser
 
 
@@ -88,24 +92,26 @@ def _saved_task(out: str) -> str:
 
 
 def run(argv: list[str]) -> int:
-    parser = build_parser(_task_for_parser(argv))
+    task = _task_for_parser(argv)
+    parser = build_parser(task)
     args = parser.parse_args(argv)
     given = given_sections(args)
     progress = not args.no_progress
     if args.resume:
         if not args.out:
             raise ValueError("--resume needs --out, the run directory to continue")
-        fixed = sorted(f"{s}.{k}" for s in ("model", "task_options") for k in given.get(s, {}))
+        fixed = sorted(f"{s}.{k}" for s in ("model", "task_options", "rl")
+                       for k in given.get(s, {}))
         if fixed or args.preset or args.config:
             changed = fixed + [f for f in ("--preset", "--config") if getattr(args, f[2:])]
             raise ValueError(f"cannot change {', '.join(changed)} when resuming a run")
-        trainer = Trainer(None, args.out, resume=True, resume_overrides=given.get("train", {}),
-                          progress=progress)
+        trainer = trainer_class(task)(None, args.out, resume=True,
+                                      resume_overrides=given.get("train", {}), progress=progress)
     else:
         config = resolve_config(args, given)
         memory = config.model.get("memory", ModelConfig.memory)
         out = args.out or f"runs/{config.task}-{memory}-{time.strftime('%Y%m%d-%H%M%S')}"
-        trainer = Trainer(config, out, progress=progress)
+        trainer = trainer_class(config.task)(config, out, progress=progress)
         print(f"training {memory} on {config.task}; writing to {out}")
     summary = trainer.fit()
     print(summary_line(summary))

@@ -35,6 +35,17 @@ class ModelOutput:
 
 
 @dataclass
+class EncoderOutput:
+    """Result of :meth:`MemoryTransformer.encode`: like :class:`ModelOutput`, with the final
+    hidden states (after the output norm, ``[B, T, D]``) in place of the logits."""
+
+    hidden: Tensor
+    memory: Memory
+    aux_loss: Tensor
+    memory_size: Tensor
+
+
+@dataclass
 class LayerOutput:
     hidden: Tensor
     memory: LayerMemory
@@ -189,26 +200,37 @@ class MemoryTransformer(nn.Module):
 
     def forward(self, tokens: Tensor, memory: Memory | None = None) -> ModelOutput:
         """Read ``tokens`` (``[B, T]`` integer ids) after ``memory`` (``None``: empty memory)."""
-        tokens = self._check_tokens(tokens)
-        batch, total = tokens.shape
+        encoded = self.encode(self.embedding(self._check_tokens(tokens)), memory)
+        return ModelOutput(
+            logits=self.head(encoded.hidden),
+            memory=encoded.memory,
+            aux_loss=encoded.aux_loss,
+            memory_size=encoded.memory_size,
+        )
+
+    def encode(self, inputs: Tensor, memory: Memory | None = None) -> EncoderOutput:
+        """Run the layers on given input vectors (``[B, T, D]``, e.g. embeddings a caller computed
+        itself) after ``memory``; :meth:`forward` is this on the token embeddings, plus the head."""
+        inputs = self._check_inputs(inputs)
+        batch, total = inputs.shape[:2]
         memory = self.init_memory(batch) if memory is None else self._check_memory(memory, batch)
         layers, next_step = list(memory.layers), memory.next_step
-        logits, aux_loss = [], tokens.new_zeros((), dtype=torch.float32)
-        memory_size = torch.zeros(len(self.layers), device=tokens.device)
-        for block in tokens.split(self.config.block_len, dim=1):
+        outputs, aux_loss = [], inputs.new_zeros((), dtype=torch.float32)
+        memory_size = torch.zeros(len(self.layers), device=inputs.device)
+        for block in inputs.split(self.config.block_len, dim=1):
             length = block.shape[1]
-            steps = torch.arange(next_step, next_step + length, device=tokens.device)
+            steps = torch.arange(next_step, next_step + length, device=inputs.device)
             block_uniform = float(torch.rand(())) if self.training else 0.5
-            hidden = self.dropout(self.embedding(block))
+            hidden = self.dropout(block)
             for index, layer in enumerate(self.layers):
                 result = layer(hidden, layers[index], steps, block_uniform)
                 hidden, layers[index] = result.hidden, result.memory
                 aux_loss = aux_loss + result.aux_loss * (length / total)
                 memory_size[index] += result.memory_size * (length / total)
-            logits.append(self.head(self.norm_out(hidden)))
+            outputs.append(self.norm_out(hidden))
             next_step += length
-        return ModelOutput(
-            logits=torch.cat(logits, dim=1),
+        return EncoderOutput(
+            hidden=torch.cat(outputs, dim=1),
             memory=Memory(layers, next_step, self.config.memory),
             aux_loss=aux_loss,
             memory_size=memory_size,
@@ -251,6 +273,17 @@ class MemoryTransformer(nn.Module):
                 f"token ids must be in [0, {self.config.vocab_size}), got values in [{low}, {high}]"
             )
         return tokens.to(device=self.device, dtype=torch.long)
+
+    def _check_inputs(self, inputs: Tensor) -> Tensor:
+        if not isinstance(inputs, Tensor) or not inputs.dtype.is_floating_point:
+            raise TypeError("inputs must be a floating-point torch.Tensor of shape [B, T, D]")
+        if inputs.dim() != 3 or inputs.shape[0] < 1 or inputs.shape[1] < 1:
+            raise ValueError(f"inputs must have shape [B, T, D] with B, T >= 1, got "
+                             f"{list(inputs.shape)}")
+        if inputs.shape[2] != self.config.d_model:
+            raise ValueError(f"inputs have width {inputs.shape[2]}, this model has d_model "
+                             f"{self.config.d_model}")
+        return inputs.to(self.device)
 
     def _check_memory(self, memory: Memory, batch: int) -> Memory:
         if not isinstance(memory, Memory):

@@ -258,7 +258,7 @@ def measure_checkpoint(bench: BenchConfig, case: Case, path: str) -> dict[str, A
 
 
 def _device(bench: BenchConfig) -> torch.device:
-    from expire_span.training.trainer import resolve_device
+    from expire_span.training.loop import resolve_device
 
     return resolve_device(bench.device)
 

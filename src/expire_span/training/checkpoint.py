@@ -29,8 +29,10 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from expire_span.memory import Memory
-from expire_span.model import MemoryTransformer
+from expire_span.model import MemoryAgent, MemoryTransformer
 from expire_span.training.config import RunConfig
+
+Network = MemoryTransformer | MemoryAgent
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -48,7 +50,7 @@ class CheckpointError(RuntimeError):
 class LoadedCheckpoint:
     path: Path
     run: RunConfig
-    model: MemoryTransformer
+    model: Network
     trainer_state: dict[str, Any] | None
     memory_tensors: dict[str, torch.Tensor] | None
 
@@ -78,7 +80,7 @@ def save_checkpoint(
     run_dir: Path,
     step: int,
     run: RunConfig,
-    model: MemoryTransformer,
+    model: Network,
     trainer_state: dict[str, Any],
     memory: Memory | None,
     keep: int,
@@ -169,12 +171,11 @@ def _load_directory(directory: Path, device: str | torch.device) -> LoadedCheckp
     saved = _read(directory, CONFIG_FILE, lambda path: json.loads(path.read_text()))
     try:
         run = RunConfig.from_dict(saved["run"])
-        config = run.model_config(saved["model"]["vocab_size"])
+        model = run.build_model(saved["model"]["vocab_size"])
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(
             f"checkpoint {directory}: {CONFIG_FILE} is unreadable: {error}"
         ) from error
-    model = MemoryTransformer(config)
     missing, unexpected = _read(
         directory, MODEL_FILE, lambda path: load_model(model, path, strict=False)
     )

@@ -1,8 +1,9 @@
 """A run's full configuration: task, model and training hyperparameters.
 
 Values are resolved in layers, each overriding the previous: the dataclass defaults, a named preset,
-a config file (JSON or TOML with sections ``task_options``, ``model``, ``train``), then flags. The
-resolved configuration is written into the run directory, so a run always records what it used.
+a config file (JSON or TOML with sections ``task_options``, ``model``, ``train`` and, for
+reinforcement-learning tasks, ``rl``), then flags. The resolved configuration is written into the
+run directory, so a run always records what it used.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from expire_span.config import ModelConfig
-from expire_span.tasks import build_task, task_class
+from expire_span.model import MemoryAgent, MemoryTransformer, agent_vocab_size
+from expire_span.tasks import RLTask, SequenceTask, build_task, is_rl_task, task_class
 from expire_span.tasks.base import TextCodec
 
 if sys.version_info >= (3, 11):
@@ -29,24 +33,33 @@ SCHEDULES = ("constant", "cosine")
 @dataclass
 class TrainConfig:
     steps: int = 1000
-    """Optimizer steps (one batch of ``batch_size`` x ``seq_len`` tokens each)."""
+    """Optimizer steps (one batch of ``batch_size`` x ``seq_len`` tokens each); for RL tasks,
+    updates (a rollout of ``seq_len`` steps in ``batch_size`` environments, then PPO epochs)."""
     batch_size: int = 32
+    """Rows per step: token streams, or environments for RL tasks."""
     seq_len: int | None = None
-    """Tokens per row per step; ``None`` means one block (``block_len``)."""
+    """Tokens per row per step (RL: rollout steps per environment); ``None`` means one block
+    (``block_len``)."""
     lr: float = 1e-3
     warmup: int = 100
     """Linear learning-rate warm-up steps."""
     schedule: str = "constant"
     """After warm-up: ``constant`` or ``cosine`` (decay to 10% at the last step)."""
     weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    """Adam's epsilon; larger values damp the steps of parameters whose gradients are tiny (the
+    RL presets use 1e-5: once a task is solved its policy gradient vanishes, and with 1e-8 Adam
+    still moved the weights at full speed along what was left, undoing what was learned)."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0 disables)."""
     eval_every: int = 200
     eval_batches: int = 20
-    """Batches per periodic evaluation (language-modelling tasks read the whole split)."""
+    """Batches per periodic evaluation (language-modelling tasks read the whole split; RL tasks
+    run this many episodes in each of ``eval_batch_size`` environments)."""
     eval_batch_size: int | None = None
-    """Streams read in parallel in evaluation; ``None`` means ``batch_size``. Data tasks give each
-    stream a contiguous slice of the split: fewer, longer streams read less of it cold."""
+    """Streams (or environments) run in parallel in evaluation; ``None`` means ``batch_size``.
+    Data tasks give each stream a contiguous slice of the split: fewer, longer streams read less
+    of it cold."""
     log_every: int = 20
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
@@ -69,8 +82,47 @@ class TrainConfig:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if self.warmup < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("train.warmup, train.grad_clip and train.weight_decay must be >= 0")
+        if self.adam_eps <= 0:
+            raise ValueError(f"train.adam_eps must be > 0, got {self.adam_eps}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+
+@dataclass
+class RLConfig:
+    """Reinforcement learning (PPO with GAE), for RL tasks only."""
+
+    gamma: float = 0.99
+    """Discount factor of future rewards."""
+    gae_lambda: float = 0.95
+    """GAE lambda: 0 bootstraps from the next value only, 1 uses whole returns."""
+    clip_range: float = 0.2
+    """PPO clips the probability ratio of new and old policy to [1 - clip, 1 + clip]."""
+    epochs: int = 4
+    """PPO epochs (optimizer steps) per rollout; each replays the rollout step by step."""
+    value_coef: float = 0.5
+    """Weight of the value loss."""
+    entropy_coef: float = 0.01
+    """Weight of the entropy bonus (exploration)."""
+    normalize_advantages: bool = True
+    """Standardise the advantages of each rollout."""
+    eval_greedy: bool = True
+    """Evaluation takes the most likely action (False: samples it, as in training)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
+            raise ValueError("rl.gamma and rl.gae_lambda must be in [0, 1]")
+        if self.clip_range <= 0 or self.epochs < 1:
+            raise ValueError("rl.clip_range must be > 0 and rl.epochs >= 1")
+        if self.value_coef < 0 or self.entropy_coef < 0:
+            raise ValueError("rl.value_coef and rl.entropy_coef must be >= 0")
+
+
+def vocab_size(task: SequenceTask | RLTask) -> int:
+    """The model's vocabulary: the task's tokens, or what an agent embeds for an RL task."""
+    if isinstance(task, RLTask):
+        return agent_vocab_size(task.observation_sizes, task.num_actions)
+    return task.vocab_size
 
 
 @dataclass
@@ -80,6 +132,8 @@ class RunConfig:
     model: dict[str, Any] = field(default_factory=dict)
     """``ModelConfig`` fields except ``vocab_size``, which the task decides."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    rl: dict[str, Any] = field(default_factory=dict)
+    """``RLConfig`` fields (RL tasks only)."""
 
     def build_task(self):
         return build_task(self.task, self.task_options)
@@ -94,6 +148,24 @@ class RunConfig:
             raise ValueError("model.vocab_size is set by the task, do not give it")
         return ModelConfig.from_dict({"vocab_size": vocab_size, **self.model})
 
+    def build_model(self, vocab_size: int) -> nn.Module:
+        """A fresh network for the task: a ``MemoryTransformer``, or a ``MemoryAgent`` on one for
+        an RL task (whose environment is built to read its spaces; sequence tasks are not built,
+        as that may mean reading a data set)."""
+        config = self.model_config(vocab_size)
+        if is_rl_task(self.task):
+            task = self.build_task()
+            return MemoryAgent(config, task.observation_sizes, task.num_actions)
+        return MemoryTransformer(config)
+
+    @property
+    def rl_config(self) -> RLConfig:
+        known = {f.name for f in dataclasses.fields(RLConfig)}
+        unknown = sorted(set(self.rl) - known)
+        if unknown:
+            raise ValueError(f"unknown rl option(s): {', '.join(unknown)}")
+        return RLConfig(**self.rl)
+
     @property
     def seq_len(self) -> int:
         block_len = self.model.get("block_len", ModelConfig.block_len)
@@ -107,10 +179,17 @@ class RunConfig:
         """A copy with every task option and model field spelled out (what a run records), after
         building everything once so that a bad value fails before training starts."""
         task = self.build_task()
-        model = self.model_config(task.vocab_size).to_dict()
+        model = self.model_config(vocab_size(task)).to_dict()
         del model["vocab_size"]
+        if isinstance(task, RLTask):
+            rl = dataclasses.asdict(self.rl_config)
+        elif self.rl:
+            raise ValueError(f"rl options apply to reinforcement-learning tasks only, not to "
+                             f"{self.task!r}")
+        else:
+            rl = {}
         return RunConfig(self.task, task.options_dict(), model,
-                         TrainConfig(**dataclasses.asdict(self.train)))
+                         TrainConfig(**dataclasses.asdict(self.train)), rl)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -170,6 +170,50 @@ _PRESETS += [
     _collision_gpu(65536, noisy=True),
 ]
 
+
+def _rl_preset(name: str, description: str, task: str, task_options: dict[str, Any],
+               model: dict[str, Any], train: dict[str, Any]) -> Preset:
+    """A reinforcement-learning preset over what the CPU RL presets share: a tiny agent (d=32,
+    2 heads, one step per call, so the block length only bounds L), spans starting at 0.6 L (longer
+    than any episode: see docs/rl.md), PPO with the default ``rl`` settings and a cosine decay."""
+    shared_model = {"d_model": 32, "n_layers": 1, "n_heads": 2, "block_len": 4, "ramp": 8,
+                    "alpha": 1e-3, "init_percentage": 0.6, "pre_div": 8.0}
+    shared_train = {"steps": 300, "batch_size": 32, "seq_len": 32, "lr": 5e-4, "warmup": 0,
+                    "schedule": "cosine", "adam_eps": 1e-5, "eval_every": 25, "eval_batches": 4,
+                    "log_every": 10, "checkpoint_every": 50}
+    return Preset(name, description, {
+        "task": task, "task_options": task_options, "model": {**shared_model, **model},
+        "train": {**shared_train, **train}, "rl": {},
+    })
+
+
+_PRESETS += [
+    _rl_preset(
+        "corridor-cpu",
+        "corridor of 20-60 steps (5-15 blocks of 4), L=128: minutes on 2 CPU cores",
+        "corridor", {"colours": 2, "min_length": 20, "max_length": 60}, {"max_span": 128}, {},
+    ),
+    _rl_preset(
+        "corridor-test",
+        "corridor of 2-4 steps, L=16: seconds, for tests",
+        "corridor", {"colours": 2, "min_length": 2, "max_length": 4}, {"max_span": 16},
+        {"steps": 40, "batch_size": 16, "seq_len": 16, "lr": 3e-3, "eval_every": 40},
+    ),
+    _rl_preset(
+        "instruction-cpu",
+        "instruction (3 colours x 3 objects, 3 choices) after 10-30 distractors, L=64: minutes",
+        "instruction",
+        {"colours": 3, "objects": 3, "choices": 3, "min_delay": 10, "max_delay": 30},
+        {"max_span": 64}, {},
+    ),
+    _rl_preset(
+        "portal-cpu",
+        "portal: 4 rooms x 3 portals, episodes of 32 steps, 2 layers, L=64: minutes",
+        "portal", {"rooms": 4, "portals": 3, "episode_steps": 32},
+        {"max_span": 64, "n_layers": 2}, {},
+    ),
+]
+
 PRESETS: dict[str, Preset] = {preset.name: preset for preset in _PRESETS}
 DEFAULT_PRESETS: dict[str, str] = {
     "copy": "copy-cpu",
@@ -177,6 +221,9 @@ DEFAULT_PRESETS: dict[str, str] = {
     "pg19": "pg19-cpu",
     "enwik8": "enwik8-cpu",
     "object-collision": "object-collision-cpu",
+    "corridor": "corridor-cpu",
+    "instruction": "instruction-cpu",
+    "portal": "portal-cpu",
 }
 
 

@@ -1,232 +1,43 @@
-"""The training loop for sequence tasks, with logging, checkpoints, resume and failure handling.
+"""The training loop for sequence tasks: token streams read in batches, memory carried across.
 
 It knows nothing about memory policies: it adds ``out.aux_loss`` to the task loss, reports
-``out.memory_size`` and calls ``model.after_optimizer_step()``.
+``out.memory_size`` and calls ``model.after_optimizer_step()``. What all trainers share (resume,
+checkpoints, logging, signals, divergence checks) is in :mod:`expire_span.training.loop`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import signal
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from expire_span.memory import Memory
-from expire_span.model import MemoryTransformer
 from expire_span.tasks import MetricAccumulator, SequenceTask, Shard
-from expire_span.training.checkpoint import (
-    CHECKPOINTS,
-    CheckpointError,
-    load_latest_valid,
-    save_checkpoint,
-    write_json_atomic,
-)
-from expire_span.training.config import RunConfig, TrainConfig
+from expire_span.training.config import RunConfig
 from expire_span.training.evaluate import evaluate, forget_restarted_rows
-
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-RUN_CONFIG_FILE = "config.json"
-RESUMABLE_TRAIN_FIELDS = frozenset(
-    {"steps", "eval_every", "eval_batches", "eval_batch_size", "log_every", "checkpoint_every",
-     "keep_checkpoints", "device"}
-)
+from expire_span.training.loop import TrainingLoop
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradients became NaN or infinite; training stopped before the update."""
-
-
-class TrainingInterrupted(RuntimeError):
-    """SIGINT or SIGTERM arrived; the run stopped between two steps and saved a checkpoint."""
-
-
-class _StopSignals:
-    """While active, the first SIGINT/SIGTERM only sets a flag (the loop stops cleanly between
-    steps); a second one interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested is not None:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
-def learning_rate_factor(train: TrainConfig) -> Callable[[int], float]:
-    """Linear warm-up, then constant or cosine decay to 10% at the last step."""
-
-    def factor(step: int) -> float:
-        if step < train.warmup:
-            return (step + 1) / train.warmup
-        if train.schedule == "constant":
-            return 1.0
-        progress = (step - train.warmup) / max(1, train.steps - train.warmup)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
-
-
-def apply_resume_overrides(saved: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """The saved configuration with the training fields a resumed run may change."""
-    train = saved.train
-    for key, value in overrides.items():
-        if key not in RESUMABLE_TRAIN_FIELDS:
-            raise ValueError(
-                f"cannot change train.{key} when resuming; only "
-                f"{', '.join(sorted(RESUMABLE_TRAIN_FIELDS))} may change"
-            )
-        setattr(train, key, value)
-    TrainConfig.__post_init__(train)
-    return saved
-
-
-class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl``."""
-
-    def __init__(self, path: Path, keep_until_step: int | None) -> None:
-        self.path = path
-        if keep_until_step is None:
-            path.write_text("")
-        elif path.exists():  # drop what was logged after the checkpoint we resume from
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= keep_until_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-
-class Trainer:
+class Trainer(TrainingLoop):
     """Trains a :class:`MemoryTransformer` on a :class:`SequenceTask` into ``out_dir``.
 
-    Args:
-        run: the resolved configuration (ignored for all but ``resume_overrides`` on resume).
-        out_dir: run directory (see :mod:`expire_span.training.checkpoint` for its layout).
-        resume: continue from the newest loadable checkpoint in ``out_dir``.
-        resume_overrides: training fields to change when resuming (e.g. ``{"steps": 2000}``).
-        progress: show a progress bar.
-        echo: where to print messages.
+    Arguments as :class:`~expire_span.training.loop.TrainingLoop`, plus ``shard``: the rows of
+    the global batch this process reads (all of them by default).
     """
 
-    def __init__(
-        self,
-        run: RunConfig | None,
-        out_dir: str | Path,
-        *,
-        resume: bool = False,
-        resume_overrides: dict[str, Any] | None = None,
-        progress: bool = True,
-        echo: Callable[[str], None] = print,
-        shard: Shard | None = None,
-    ) -> None:
-        self.out_dir = Path(out_dir)
-        self.progress = progress
-        self.echo = echo
-        self.start_step = 0
-        loaded = None
-        if resume:
-            loaded, skipped = load_latest_valid(self.out_dir)
-            for message in skipped:
-                echo(f"warning: skipped an unreadable checkpoint: {message}")
-            run = apply_resume_overrides(loaded.run, resume_overrides or {})
-        elif run is None:
-            raise ValueError("a RunConfig is needed unless resuming")
-        elif (self.out_dir / CHECKPOINTS).exists():
-            raise FileExistsError(
-                f"{self.out_dir} already holds a run; continue it with --resume or choose "
-                "another --out"
-            )
-        assert run is not None
-        run = run.resolved()
-        self.run = run
-        self.train_cfg = run.train
-        self.device = resolve_device(run.train.device)
-        self.task: SequenceTask = run.build_task()
-        self.shard = shard or Shard(run.train.batch_size)
+    task: SequenceTask
 
-        torch.manual_seed(run.train.seed)
-        if loaded is not None:
-            self.model = loaded.model
-        else:
-            self.model = MemoryTransformer(run.model_config(self.task.vocab_size))
-        self.model.to(self.device)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=run.train.lr, weight_decay=run.train.weight_decay
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, learning_rate_factor(run.train)
-        )
-        self.memory: Memory | None = None
-        if loaded is not None:
-            self._restore(loaded)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.out_dir / RUN_CONFIG_FILE, run.to_dict())
-        self.log = MetricsLog(self.out_dir / METRICS_FILE, self.start_step if resume else None)
+    def __init__(self, run: RunConfig | None, out_dir: str | Path, *, shard: Shard | None = None,
+                 **options: Any) -> None:
+        self._shard = shard
+        super().__init__(run, out_dir, **options)
 
-    # ------------------------------------------------------------------ state
-
-    def _trainer_state(self) -> dict[str, Any]:
-        state = {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-        }
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def _restore(self, loaded) -> None:
-        state = loaded.trainer_state
-        if state is None:
-            raise CheckpointError(f"checkpoint {loaded.path} has no trainer state to resume from")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        if loaded.memory_tensors is not None:
-            empty = self.model.init_memory(self.shard.batch_size)
-            self.memory = empty.load_state_dict(loaded.memory_tensors)
-        self.start_step = loaded.step
-        self.echo(f"resuming from {loaded.path} at step {self.start_step}")
-
-    def save(self, step: int) -> Path:
-        return save_checkpoint(
-            self.out_dir, step, self.run, self.model, self._trainer_state(), self.memory,
-            keep=self.train_cfg.keep_checkpoints,
-        )
-
-    # ------------------------------------------------------------------ loop
+    def _setup(self) -> None:
+        self.shard = self._shard or Shard(self.train_cfg.batch_size)
+        self.rows = self.shard.batch_size
+        self.interval = _Interval()
 
     def evaluate(self, split: str = "valid", progress: bool = False) -> dict[str, float]:
         return evaluate(
@@ -234,89 +45,24 @@ class Trainer:
             self.train_cfg.eval_batches, progress=progress,
         )
 
-    def fit(self) -> dict[str, Any]:
-        """Train to ``train.steps``; return (and write) the summary."""
-        cfg = self.train_cfg
-        step = self.start_step
-        started = time.perf_counter()
-        bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not self.progress,
-                   dynamic_ncols=True)
-        interval = _Interval()
-        last_eval: dict[str, float] | None = None
-        with _StopSignals() as stop:
-            try:
-                while step < cfg.steps:
-                    self._train_step(step, interval)
-                    step += 1
-                    bar.update(1)
-                    if step % cfg.log_every == 0 or step == cfg.steps:
-                        record = interval.flush(self.task, step, self.scheduler.get_last_lr()[0])
-                        self.log.write(record)
-                        bar.set_postfix(_postfix(record, self.model.config.max_span))
-                    if step % cfg.eval_every == 0 or step == cfg.steps:
-                        last_eval = self.evaluate()
-                        self.log.write({"step": step, "split": "valid", **last_eval})
-                    if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.requested:
-                        path = self.save(step)
-                    if stop.requested:
-                        raise TrainingInterrupted(
-                            f"{stop.requested} at step {step}: checkpoint saved to {path}; "
-                            "continue with --resume"
-                        )
-            except TrainingDiverged as error:
-                self.log.write({"step": step, "event": "diverged", "message": str(error)})
-                raise
-            finally:
-                bar.close()
-        if last_eval is None:
-            last_eval = self.evaluate()
-        summary = self._summary(step, last_eval, time.perf_counter() - started)
-        write_json_atomic(self.out_dir / SUMMARY_FILE, summary)
-        return summary
-
-    def _train_step(self, step: int, interval: _Interval) -> None:
+    def _train_step(self, step: int) -> None:
         batch = self.task.batch("train", step, self.shard.rows, self.run.seq_len).to(self.device)
         self.model.train()
         out = self.model(batch.tokens, forget_restarted_rows(self.memory, batch))
-        task_loss = interval.metrics.update(out.logits, batch)
-        loss = task_loss + out.aux_loss
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(self._diverged_message(step, "loss", float(loss.detach())))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = self.train_cfg.grad_clip if self.train_cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if not torch.isfinite(grad_norm):
-            raise TrainingDiverged(self._diverged_message(step, "gradient norm", float(grad_norm)))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.model.after_optimizer_step()
+        task_loss = self.interval.metrics.update(out.logits, batch)
+        self._update(task_loss + out.aux_loss, step)
         self.memory = out.memory
-        interval.add(out, batch.tokens.numel())
+        self.interval.add(out, batch.tokens.numel())
 
-    def _diverged_message(self, step: int, what: str, value: float) -> str:
-        saved = sorted((self.out_dir / CHECKPOINTS).glob("step-*"))
-        last = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved"
-        return (f"{what} became {value} at step {step + 1}; stopped before updating the "
-                f"weights; {last}. Try a lower learning rate or a stronger gradient clip.")
+    def _log_record(self, step: int) -> dict[str, Any]:
+        return self.interval.flush(self.task, step, self.scheduler.get_last_lr()[0])
 
-    def _summary(self, step: int, metrics: dict[str, float], seconds: float) -> dict[str, Any]:
-        config = self.model.config
-        return {
-            "task": self.run.task,
-            "model": config.memory,
-            "steps": step,
-            "metrics": metrics,
-            "primary_metric": self.task.primary_metric,
-            "avg_memory_size": metrics["memory_size"],
-            "cache_size": metrics["cache_size"],
-            "max_span": config.max_span,
-            "block_len": config.block_len,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "train_seconds_this_session": seconds,
-            "device": str(self.device),
-            "config": self.run.to_dict(),
-        }
+    def _postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        postfix = {"loss": f"{record['loss']:.3f}"}
+        if not math.isnan(record.get("accuracy", math.nan)):
+            postfix["acc"] = f"{record['accuracy']:.3f}"
+        postfix["mem"] = f"{record['memory_size']:.0f}/{self.model.config.max_span}"
+        return postfix
 
 
 class _Interval:
@@ -358,10 +104,3 @@ class _Interval:
         self.reset()
         return record
 
-
-def _postfix(record: dict[str, Any], max_span: int) -> dict[str, str]:
-    postfix = {"loss": f"{record['loss']:.3f}"}
-    if not math.isnan(record.get("accuracy", math.nan)):
-        postfix["acc"] = f"{record['accuracy']:.3f}"
-    postfix["mem"] = f"{record['memory_size']:.0f}/{max_span}"
-    return postfix

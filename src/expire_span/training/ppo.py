@@ -1,0 +1,238 @@
+"""PPO with GAE for memory agents on reinforcement-learning tasks.
+
+One training step (an "update"):
+
+1. **Rollout.** ``seq_len`` steps in each of ``batch_size`` environments, acting step by step in
+   eval mode without gradients. The memory at the start of the segment is kept; an environment
+   whose episode ends has its memory reset before its next step. Episodes run across segments.
+2. **Advantages.** GAE over the segment, bootstrapped from the value of the step that follows it;
+   the end of an episode (terminated or cut by a step limit) is terminal, no value is carried
+   across it (step limits are part of these tasks' definitions).
+3. **PPO epochs.** ``epochs`` times: replay the segment step by step from the stored memory with
+   the current weights, applying the same memory resets at the same steps, so every step sees the
+   memory it saw while acting (recomputed with the current weights); then one optimizer step on
+   the clipped objective, the value loss, the entropy bonus and the memory policy's auxiliary
+   loss.
+
+Replaying step by step (calls of one step) rather than in blocks keeps episode boundaries exact:
+``Memory.reset`` acts between calls, and a block call cannot reset one sample in its middle. As the
+memory is detached between calls, no gradient flows from one step into an earlier one; the memory
+at a segment's start was computed by the weights of the previous update (as hidden states of
+recurrent PPO are).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from expire_span.memory import Memory
+from expire_span.model import MemoryAgent
+from expire_span.tasks import RLTask
+from expire_span.training.checkpoint import LoadedCheckpoint
+from expire_span.training.loop import TrainingLoop
+from expire_span.training.rollout import (
+    EnvRunner,
+    Episode,
+    episode_metrics,
+    evaluate_agent,
+    sampler,
+)
+
+
+@dataclass
+class Rollout:
+    """A segment of ``T`` steps of ``B`` environments (tensors ``[T, B, ...]``), the memory at
+    its start and the value of the step after it (``[B]``)."""
+
+    memory: Memory
+    observations: Tensor
+    prev_actions: Tensor
+    prev_rewards: Tensor
+    actions: Tensor
+    log_probs: Tensor
+    values: Tensor
+    rewards: Tensor
+    dones: Tensor
+    last_value: Tensor
+
+
+def gae(rewards: Tensor, values: Tensor, dones: Tensor, last_value: Tensor, gamma: float,
+        lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over ``[T, B]`` tensors; returns (advantages, returns).
+
+    ``A_t = delta_t + gamma lam (1 - done_t) A_{t+1}`` with
+    ``delta_t = r_t + gamma (1 - done_t) V_{t+1} - V_t``, ``V_T`` = ``last_value``.
+    """
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(last_value)
+    next_value = last_value
+    for t in reversed(range(rewards.shape[0])):
+        alive = 1.0 - dones[t].float()
+        delta = rewards[t] + gamma * alive * next_value - values[t]
+        next_advantage = delta + gamma * lam * alive * next_advantage
+        advantages[t] = next_advantage
+        next_value = values[t]
+    return advantages, advantages + values
+
+
+def replay(agent: MemoryAgent, rollout: Rollout) -> tuple[Tensor, Tensor, Tensor]:
+    """Recompute the segment step by step from its start memory with the agent's current weights.
+
+    Returns logits ``[T, B, A]``, values ``[T, B]`` and the mean auxiliary loss.
+    """
+    memory = rollout.memory
+    logits, values, aux = [], [], []
+    for t in range(rollout.actions.shape[0]):
+        out = agent(rollout.observations[t, :, None], rollout.prev_actions[t, :, None],
+                    rollout.prev_rewards[t, :, None], memory)
+        memory = out.memory.reset(rollout.dones[t])
+        logits.append(out.logits[:, 0])
+        values.append(out.values[:, 0])
+        aux.append(out.aux_loss)
+    return torch.stack(logits), torch.stack(values), torch.stack(aux).mean()
+
+
+class RLTrainer(TrainingLoop):
+    """Trains a :class:`MemoryAgent` on an :class:`RLTask` with PPO; arguments as
+    :class:`~expire_span.training.loop.TrainingLoop`.
+
+    ``train.steps`` counts updates, ``train.batch_size`` environments, ``train.seq_len`` rollout
+    steps per environment; the ``rl`` section holds the PPO hyperparameters.
+    """
+
+    task: RLTask
+    model: MemoryAgent
+
+    def _setup(self) -> None:
+        self.rl = self.run.rl_config
+        seeds = self.task.seeds(self.train_cfg.seed, "train", self.rows)
+        self.runner = EnvRunner(self.task.vector_env(self.rows), self.model, seeds)
+        self.memory = self.runner.memory
+        self.interval = _Interval()
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {**super()._trainer_state(), "runner": self.runner.state()}
+
+    def _restore(self, loaded: LoadedCheckpoint) -> None:
+        super()._restore(loaded)
+        assert loaded.trainer_state is not None
+        self.runner.load_state(loaded.trainer_state["runner"], self.memory)
+
+    def evaluate(self, split: str = "valid", progress: bool = False) -> dict[str, float]:
+        return evaluate_agent(
+            self.model, self.task, split, self.rows, self.train_cfg.eval_batches,
+            self.train_cfg.seed, self.rl.eval_greedy, progress,
+        )
+
+    @torch.no_grad()
+    def collect(self) -> Rollout:
+        """Act for ``seq_len`` steps in every environment (sampling from the policy)."""
+        self.model.eval()
+        start, choose = self.runner.memory, sampler()
+        records = [self.runner.step(self.model, choose) for _ in range(self.run.seq_len)]
+        last_value = self.runner.read(self.model).values[:, 0]
+        self.memory = self.runner.memory
+        for record in records:
+            self.interval.add_acting(record.finished, record.output, self.rows)
+        logits = torch.stack([r.output.logits[:, 0] for r in records])
+        actions = torch.stack([r.actions for r in records])
+        log_probs = torch.log_softmax(logits.float(), -1).gather(-1, actions[..., None])[..., 0]
+
+        def stacked(name: str) -> Tensor:
+            return torch.stack([getattr(r, name) for r in records])
+
+        return Rollout(
+            memory=start, observations=stacked("observations"),
+            prev_actions=stacked("prev_actions"), prev_rewards=stacked("prev_rewards"),
+            actions=actions, log_probs=log_probs,
+            values=torch.stack([r.output.values[:, 0] for r in records]),
+            rewards=stacked("rewards"), dones=stacked("done"), last_value=last_value,
+        )
+
+    def _train_step(self, step: int) -> None:
+        rollout = self.collect()
+        rl = self.rl
+        advantages, returns = gae(rollout.rewards, rollout.values, rollout.dones,
+                                  rollout.last_value, rl.gamma, rl.gae_lambda)
+        if rl.normalize_advantages:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        self.model.train()
+        for _ in range(rl.epochs):
+            logits, values, aux_loss = replay(self.model, rollout)
+            log_probs = torch.log_softmax(logits.float(), -1)
+            new = log_probs.gather(-1, rollout.actions[..., None])[..., 0]
+            ratio = (new - rollout.log_probs).exp()
+            clipped = ratio.clamp(1.0 - rl.clip_range, 1.0 + rl.clip_range)
+            policy_loss = -torch.min(ratio * advantages, clipped * advantages).mean()
+            value_loss = 0.5 * (values - returns).pow(2).mean()
+            entropy = -(log_probs.exp() * log_probs).sum(-1).mean()
+            loss = (policy_loss + rl.value_coef * value_loss - rl.entropy_coef * entropy
+                    + aux_loss)
+            self._update(loss, step)
+            with torch.no_grad():
+                clip_fraction = ((ratio - 1.0).abs() > rl.clip_range).float().mean()
+            self.interval.add_update(policy_loss, value_loss, entropy, aux_loss, clip_fraction)
+
+    def _log_record(self, step: int) -> dict[str, Any]:
+        return self.interval.flush(step, self.scheduler.get_last_lr()[0])
+
+    def _postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        return {"success": f"{record['success_rate']:.3f}",
+                "return": f"{record['mean_return']:.2f}",
+                "mem": f"{record['memory_size']:.0f}/{self.model.config.max_span}"}
+
+    def _summary(self, step: int, metrics: dict[str, float], seconds: float) -> dict[str, Any]:
+        summary = super()._summary(step, metrics, seconds)
+        summary["success_rate"] = metrics["success_rate"]
+        summary["mean_return"] = metrics["mean_return"]
+        return summary
+
+
+class _Interval:
+    """Training statistics since the last log line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.episodes: list[Episode] = []
+        self.losses: dict[str, float] = {}
+        self.updates = self.acting_steps = self.env_steps = 0
+        self.memory_size = self.cache_size = 0.0
+        self.started = time.perf_counter()
+
+    def add_acting(self, finished: list[Episode], output, rows: int) -> None:
+        self.episodes.extend(finished)
+        self.acting_steps += 1
+        self.env_steps += rows
+        self.memory_size += float(output.memory_size.mean())
+        self.cache_size += float(output.memory.sizes.float().mean())
+
+    def add_update(self, policy: Tensor, value: Tensor, entropy: Tensor, aux: Tensor,
+                   clip_fraction: Tensor) -> None:
+        self.updates += 1
+        values = {"policy_loss": policy, "value_loss": value, "entropy": entropy,
+                  "aux_loss": aux, "clip_fraction": clip_fraction}
+        for name, value_ in values.items():
+            self.losses[name] = self.losses.get(name, 0.0) + float(value_.detach())
+
+    def flush(self, step: int, lr: float) -> dict[str, Any]:
+        seconds = time.perf_counter() - self.started
+        record = {
+            "step": step,
+            "split": "train",
+            **episode_metrics(self.episodes),
+            **{name: total / max(self.updates, 1) for name, total in self.losses.items()},
+            "memory_size": self.memory_size / max(self.acting_steps, 1),
+            "cache_size": self.cache_size / max(self.acting_steps, 1),
+            "lr": lr,
+            "env_steps_per_s": self.env_steps / max(seconds, 1e-9),
+        }
+        self.reset()
+        return record
+

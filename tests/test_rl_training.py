@@ -1,0 +1,153 @@
+"""PPO training of memory agents: learning, outputs, resume, evaluation and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from expire_span.cli import main
+from expire_span.training import RLTrainer, RunConfig, get_preset, load_checkpoint
+from expire_span.training.rollout import evaluate_agent
+
+TINY = {
+    "task": "corridor",
+    "task_options": {"colours": 2, "min_length": 2, "max_length": 3},
+    "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "block_len": 2, "max_span": 8,
+              "ramp": 2, "init_percentage": 0.9},
+    "train": {"steps": 4, "batch_size": 3, "seq_len": 5, "lr": 1e-3, "warmup": 0,
+              "eval_every": 2, "eval_batches": 2, "log_every": 2, "checkpoint_every": 2},
+    "rl": {"epochs": 2},
+}
+
+
+def tiny_run(**train) -> RunConfig:
+    config = json.loads(json.dumps(TINY))
+    config["train"].update(train)
+    return RunConfig.from_dict(config)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_ppo_improves_a_tiny_agent_on_a_short_corridor(tmp_path):
+    run = RunConfig.from_dict(get_preset("corridor-test").config)
+    trainer = RLTrainer(run, tmp_path, progress=False)
+    before = trainer.evaluate()
+    summary = trainer.fit()
+    assert before["success_rate"] < 0.75  # chance is 0.5: the untrained agent cannot beat it
+    assert summary["success_rate"] >= 0.9
+    assert summary["metrics"]["episodes"] == run.train.batch_size * run.train.eval_batches
+
+
+def test_training_writes_metrics_checkpoints_and_a_summary(tmp_path):
+    summary = RLTrainer(tiny_run(), tmp_path, progress=False).fit()
+    assert {"success_rate", "mean_return", "avg_memory_size", "cache_size"} <= set(summary)
+    assert summary["task"] == "corridor" and summary["primary_metric"] == "success_rate"
+    assert summary["steps"] == 4 and summary["max_span"] == 8
+    records = read_metrics(tmp_path)
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == [2, 4]
+    assert [r["step"] for r in records if r["split"] == "valid"] == [2, 4]
+    for record in train:
+        assert {"success_rate", "mean_return", "episodes", "policy_loss", "value_loss", "entropy",
+                "aux_loss", "memory_size", "cache_size", "lr", "env_steps_per_s"} <= set(record)
+    files = {p.name for p in (tmp_path / "checkpoints" / "step-00000004").iterdir()}
+    assert files == {"model.safetensors", "config.json", "trainer.pt", "memory.safetensors"}
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    assert recorded["rl"]["gamma"] == 0.99 and recorded["rl"]["epochs"] == 2
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = RLTrainer(tiny_run(), tmp_path / "a", progress=False)
+    straight.fit()
+    RLTrainer(tiny_run(steps=2), tmp_path / "b", progress=False).fit()
+    resumed = RLTrainer(None, tmp_path / "b", resume=True, progress=False,
+                        resume_overrides={"steps": 4})
+    assert resumed.start_step == 2
+    resumed.fit()
+    for name, value in params(straight.model).items():
+        torch.testing.assert_close(params(resumed.model)[name], value, atol=0, rtol=0)
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r for r in a if r["split"] == "valid"] == [r for r in b if r["split"] == "valid"]
+    keys = ("step", "episodes", "success_rate", "policy_loss", "memory_size")
+    assert ([[r[k] for k in keys] for r in a if r["split"] == "train"]
+            == [[r[k] for k in keys] for r in b if r["split"] == "train"])
+
+
+def test_evaluation_uses_fresh_seeds_and_is_reproducible(tmp_path):
+    trainer = RLTrainer(tiny_run(), tmp_path, progress=False)
+    agent, task = trainer.model.train(), trainer.task
+    valid = evaluate_agent(agent, task, "valid", 4, 3, seed=0)
+    assert agent.training  # the mode is restored
+    again = evaluate_agent(agent.eval(), task, "valid", 4, 3, seed=0)
+    assert not agent.training
+    assert valid == again and valid["episodes"] == 12
+    assert 0 <= valid["success_rate"] <= 1 and valid["memory_size"] > 0
+    sampled = [evaluate_agent(agent, task, "test", 4, 3, seed=0, greedy_actions=False)
+               for _ in range(2)]
+    assert sampled[0] == sampled[1] and sampled[0]["episodes"] == 12
+    # other splits and seeds give other episodes
+    lengths = {evaluate_agent(agent, task, split, 4, 3, seed=seed)["mean_length"]
+               for split, seed in (("valid", 0), ("test", 0), ("valid", 1), ("valid", 2))}
+    assert len(lengths) > 1
+
+
+def test_loaded_checkpoint_is_an_agent_with_the_same_weights(tmp_path):
+    trainer = RLTrainer(tiny_run(steps=2), tmp_path, progress=False)
+    trainer.fit()
+    loaded = load_checkpoint(tmp_path)
+    assert type(loaded.model) is type(trainer.model)
+    for name, value in params(trainer.model).items():
+        torch.testing.assert_close(params(loaded.model)[name], value, atol=0, rtol=0)
+
+
+def test_rl_options_are_refused_for_sequence_tasks():
+    with pytest.raises(ValueError, match="reinforcement-learning tasks only"):
+        RunConfig.from_dict({"task": "copy", "rl": {"gamma": 0.5}}).resolved()
+    with pytest.raises(ValueError, match="unknown rl option"):
+        RunConfig.from_dict({**TINY, "rl": {"gama": 0.5}}).resolved()
+    with pytest.raises(ValueError, match="gamma"):
+        RunConfig.from_dict({**TINY, "rl": {"gamma": 1.5}}).resolved()
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_cli_trains_evaluates_and_resumes_an_rl_task(tmp_path, capsys):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(TINY))
+    out = tmp_path / "run"
+    assert main(["train", "--no-progress", "--config", str(config), "--out", str(out),
+                 "--model", "transformer-xl", "--gamma", "0.9", "--min-length", "3",
+                 "--steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "success_rate" in printed and "max span L=8" in printed
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["rl"]["gamma"] == 0.9 and recorded["task_options"]["min_length"] == 3
+    assert recorded["model"]["memory"] == "transformer-xl"
+    assert main(["eval", "--checkpoint", str(out), "--split", "test", "--batches", "2",
+                 "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["task"] == "corridor" and result["metrics"]["episodes"] == 6
+    assert {"success_rate", "mean_return", "memory_size"} <= set(result["metrics"])
+    assert main(["train", "--no-progress", "--out", str(out), "--resume", "--gamma", "0.5"]) == 1
+    assert "cannot change rl.gamma" in capsys.readouterr().err
+    assert main(["train", "--no-progress", "--out", str(out), "--resume", "--steps", "4"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_cli_help_lists_task_and_rl_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--task", "portal", "--help"])
+    text = capsys.readouterr().out
+    assert "--episode-steps" in text and "--entropy-coef" in text and "--gae-lambda" in text
+    with pytest.raises(SystemExit):
+        main(["train", "--task", "copy", "--help"])
+    assert "--entropy-coef" not in capsys.readouterr().out
