@@ -147,6 +147,36 @@ def test_memory_round_trips_through_state_dict(policy):
     assert restored.next_step == memory.next_step
 
 
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_memory_splits_into_rows_and_concatenates_back(policy):
+    """What processes and micro-batches do with the memory of a global batch: each takes its
+    rows (narrower, when its rows keep fewer memories) and a checkpoint stacks them again."""
+    model = tiny_model(policy)
+    tokens = random_tokens(4, 16)
+    with torch.no_grad():
+        whole = model(random_tokens(4, 40)).memory
+        memory = whole.reset(torch.tensor([False, True, True, False]))
+        parts = [memory.rows(slice(0, 1)), memory.rows(slice(1, 3)), memory.rows(slice(3, 4))]
+        assert [p.batch_size for p in parts] == [1, 2, 1]
+        assert int(parts[1].sizes.max()) == 0 and parts[1].layers[0].width == 0
+        reference = model(tokens, memory).logits
+        for part, rows in zip(parts, ([0], [1, 2], [3]), strict=True):
+            torch.testing.assert_close(model(tokens[rows], part).logits, reference[rows],
+                                       atol=ATOL, rtol=0)
+        joined = Memory.concat(parts)
+        torch.testing.assert_close(model(tokens, joined).logits, reference, atol=ATOL, rtol=0)
+        assert torch.equal(joined.sizes, memory.sizes)
+        # splitting and stacking gives back the very same entries (padding may differ)
+        again = Memory.concat([whole.rows(slice(0, 2)), whole.rows(slice(2, 4))])
+    for before, after in zip(whole.layers, again.layers, strict=True):
+        width = after.width
+        assert not before.valid[:, width:].any()
+        assert torch.equal(after.valid, before.valid[:, :width])
+        assert torch.equal(after.steps[after.valid], before.steps[before.valid])
+        assert torch.equal(after.hidden[after.valid], before.hidden[before.valid])
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

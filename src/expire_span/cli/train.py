@@ -18,6 +18,7 @@ from expire_span.training import (
     trainer_class,
 )
 from expire_span.training.config import load_config_file, merge
+from expire_span.training.distributed import Group, process_group
 
 
 def _common_flags(parser: argparse.ArgumentParser) -> None:
@@ -92,10 +93,21 @@ def _saved_task(out: str) -> str:
 
 
 def run(argv: list[str]) -> int:
+    """Train in this process, or, under torchrun, in each of its processes (see
+    :mod:`expire_span.training.distributed`)."""
     task = _task_for_parser(argv)
     parser = build_parser(task)
     args = parser.parse_args(argv)
     given = given_sections(args)
+    with process_group() as group:
+        summary = _train(task, args, given, group)
+    if summary is not None:
+        print(summary_line(summary))
+    return 0
+
+
+def _train(task: str, args: argparse.Namespace, given: dict[str, dict[str, Any]],
+           group: Group) -> dict[str, Any] | None:
     progress = not args.no_progress
     if args.resume:
         if not args.out:
@@ -110,12 +122,15 @@ def run(argv: list[str]) -> int:
     else:
         config = resolve_config(args, given)
         memory = config.model.get("memory", ModelConfig.memory)
-        out = args.out or f"runs/{config.task}-{memory}-{time.strftime('%Y%m%d-%H%M%S')}"
+        # every process writes to rank 0's directory (their clocks may disagree on its name)
+        out = group.broadcast(
+            args.out or f"runs/{config.task}-{memory}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
         trainer = trainer_class(config.task)(config, out, progress=progress)
-        print(f"training {memory} on {config.task}; writing to {out}")
-    summary = trainer.fit()
-    print(summary_line(summary))
-    return 0
+        if group.is_main:
+            processes = f" in {group.world_size} processes" if group.distributed else ""
+            print(f"training {memory} on {config.task}{processes}; writing to {out}")
+    return trainer.fit()
 
 
 def summary_line(summary: dict[str, Any]) -> str:

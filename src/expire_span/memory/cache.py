@@ -29,7 +29,9 @@ class LayerMemory:
         valid: ``[B, N]`` bool, False for padding.
 
     Policies that keep more than this (e.g. a compressed memory) subclass it and add fields;
-    tensor fields and nested ``LayerMemory`` fields are saved, moved and reset generically.
+    tensor fields and nested ``LayerMemory`` fields are saved, moved, reset, sliced and
+    concatenated generically. Tensor fields are indexed by sample first; those of two or more
+    dimensions by slot second (like ``hidden``), one-dimensional ones hold one value per sample.
     """
 
     hidden: Tensor
@@ -124,6 +126,46 @@ class LayerMemory:
                 changes[item.name] = value.detach()
         return dataclasses.replace(self, **changes)
 
+    def rows(self, index: slice) -> LayerMemory:
+        """The memory of the samples ``index`` selects, without the trailing slots none of them
+        uses (caches are dropped): one process's or one micro-batch's share of a batch."""
+        used = self.valid[index].any(dim=0).nonzero()
+        width = int(used.max()) + 1 if used.numel() else 0
+        changes: dict[str, object] = {"kv": None, "kv_version": ()}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, LayerMemory):
+                changes[item.name] = value.rows(index)
+            elif isinstance(value, Tensor) and not item.metadata.get("cache"):
+                changes[item.name] = value[index, :width] if value.dim() > 1 else value[index]
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def concat(parts: list[LayerMemory]) -> LayerMemory:
+        """The samples of memories of one kind stacked into one batch, in order; narrower ones
+        are padded with invalid slots (caches are dropped)."""
+        first = parts[0]
+        width = max(part.width for part in parts)
+        changes: dict[str, object] = {"kv": None, "kv_version": ()}
+        for item in dataclasses.fields(first):
+            values = [getattr(part, item.name) for part in parts]
+            if isinstance(values[0], LayerMemory):
+                changes[item.name] = LayerMemory.concat(values)
+            elif isinstance(values[0], Tensor) and not item.metadata.get("cache"):
+                changes[item.name] = torch.cat([_pad_slots(value, width) for value in values])
+        return dataclasses.replace(first, **changes)
+
+    def to(self, device: torch.device | str) -> LayerMemory:
+        """The same memory on ``device`` (caches are dropped)."""
+        changes: dict[str, object] = {"kv": None, "kv_version": ()}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, LayerMemory):
+                changes[item.name] = value.to(device)
+            elif isinstance(value, Tensor) and not item.metadata.get("cache"):
+                changes[item.name] = value.to(device)
+        return dataclasses.replace(self, **changes)
+
     def tensors(self, prefix: str = "") -> dict[str, Tensor]:
         """Flat ``name -> tensor`` view of the state (for saving; caches are left out)."""
         out: dict[str, Tensor] = {}
@@ -151,6 +193,14 @@ class LayerMemory:
                     raise KeyError(f"memory tensor {key!r} is missing")
                 changes[item.name] = tensors[key].to(device=value.device, dtype=value.dtype)
         return dataclasses.replace(self, **changes)
+
+
+def _pad_slots(value: Tensor, width: int) -> Tensor:
+    """A per-slot tensor widened to ``width`` slots with zeros (``False`` for ``valid``)."""
+    if value.dim() < 2 or value.shape[1] == width:
+        return value
+    padding = value.new_zeros((value.shape[0], width - value.shape[1], *value.shape[2:]))
+    return torch.cat([value, padding], dim=1)
 
 
 @dataclass
@@ -184,6 +234,23 @@ class Memory:
                 f"reset mask must have shape [{self.batch_size}], got {list(samples.shape)}"
             )
         return Memory([layer.reset(samples) for layer in self.layers], self.next_step, self.policy)
+
+    def rows(self, index: slice) -> Memory:
+        """The memory of the streams ``index`` selects (see :meth:`LayerMemory.rows`)."""
+        return Memory([layer.rows(index) for layer in self.layers], self.next_step, self.policy)
+
+    @staticmethod
+    def concat(parts: list[Memory]) -> Memory:
+        """The streams of several memories of one step and policy, stacked in order."""
+        first = parts[0]
+        if any(p.next_step != first.next_step or p.policy != first.policy for p in parts):
+            raise ValueError("only memories of the same step and policy can be concatenated")
+        layers = [LayerMemory.concat(list(group)) for group in zip(*(p.layers for p in parts),
+                                                                   strict=True)]
+        return Memory(layers, first.next_step, first.policy)
+
+    def to(self, device: torch.device | str) -> Memory:
+        return Memory([layer.to(device) for layer in self.layers], self.next_step, self.policy)
 
     def state_dict(self) -> dict[str, Tensor]:
         """Flat tensors (safetensors-ready); ``next_step`` is stored as a 0-d tensor."""

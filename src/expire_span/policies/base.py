@@ -98,6 +98,9 @@ class MemoryPolicy(nn.Module):
     """
 
     name: ClassVar[str]
+    skips_parameters: ClassVar[bool] = False
+    """Whether a step may leave some of the policy's parameters out of the graph (multi-process
+    training must then look for them in every step)."""
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()

@@ -115,6 +115,7 @@ class Compressor(nn.Module):
 
 class CompressivePolicy(MemoryPolicy):
     name = "compressive"
+    skips_parameters = True  # a step in which no row compresses leaves the compressor unused
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__(config, layer_index)

@@ -128,6 +128,11 @@ class MetricAccumulator:
 
     def update(self, logits: Tensor, batch: Batch) -> Tensor:
         """Add a batch; return its mean loss over counted positions (differentiable)."""
+        return self.update_sum(logits, batch) / batch.weights.to(torch.float32).sum().clamp_min(1.0)
+
+    def update_sum(self, logits: Tensor, batch: Batch) -> Tensor:
+        """Add a batch; return the summed loss of its counted positions (differentiable), for a
+        caller that reads a batch in parts and divides by the count of the whole."""
         weights = batch.weights.to(torch.float32)
         losses = F.cross_entropy(
             logits.flatten(0, 1).float(), batch.targets.flatten(), reduction="none"
@@ -137,7 +142,7 @@ class MetricAccumulator:
             self.loss_sum = self.loss_sum + weighted.detach()
             self.correct = self.correct + ((logits.argmax(-1) == batch.targets) * weights).sum()
             self.count = self.count + weights.sum()
-        return weighted / weights.sum().clamp_min(1.0)
+        return weighted
 
     def result(self, task: SequenceTask) -> dict[str, float]:
         count = float(self.count)

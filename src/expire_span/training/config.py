@@ -28,6 +28,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -36,7 +37,14 @@ class TrainConfig:
     """Optimizer steps (one batch of ``batch_size`` x ``seq_len`` tokens each); for RL tasks,
     updates (a rollout of ``seq_len`` steps in ``batch_size`` environments, then PPO epochs)."""
     batch_size: int = 32
-    """Rows per step: token streams, or environments for RL tasks."""
+    """Rows per step: token streams, or environments for RL tasks. Under torchrun this is the
+    global batch: each of the N processes reads batch_size / N of the rows."""
+    accumulate: int = 1
+    """Gradient accumulation: each process reads its rows in this many micro-batches (each with
+    its own memory), one backward pass each, then takes one optimizer step."""
+    precision: str = "fp32"
+    """``fp32``, ``bf16`` (autocast, CPU or CUDA) or ``fp16`` (autocast with loss scaling, CUDA
+    only); the weights and the optimizer stay in float32."""
     seq_len: int | None = None
     """Tokens per row per step (RL: rollout steps per environment); ``None`` means one block
     (``block_len``)."""
@@ -65,10 +73,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     device: str = "auto"
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N`` (under torchrun, each
+    process uses ``cuda:LOCAL_RANK``)."""
+    tensorboard: bool = True
+    """Also write every record of metrics.jsonl as TensorBoard scalars to OUT/tensorboard."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every",
+        for name in ("steps", "batch_size", "accumulate", "eval_every", "eval_batches", "log_every",
                      "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -84,6 +95,10 @@ class TrainConfig:
             raise ValueError("train.warmup, train.grad_clip and train.weight_decay must be >= 0")
         if self.adam_eps <= 0:
             raise ValueError(f"train.adam_eps must be > 0, got {self.adam_eps}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"train.precision must be one of {PRECISIONS}, got {self.precision!r}"
+            )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 

@@ -1,5 +1,9 @@
 """What every trainer shares: the run directory, resume, the step loop with its progress bar,
-periodic logging, evaluation and checkpoints, stop signals and divergence checks.
+periodic logging (metrics.jsonl and TensorBoard), evaluation and checkpoints, stop signals,
+divergence checks, mixed precision and the process group of a distributed run.
+
+Under torchrun, every process runs the loop; rank 0 alone writes the run directory, shows
+progress and evaluates (the others wait), and the processes agree on when to stop.
 
 A trainer for a kind of task (token streams, environments) subclasses :class:`TrainingLoop` and
 says what one training step, one log line, an evaluation and the summary's extra fields are.
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from expire_span.memory import Memory
@@ -30,14 +35,17 @@ from expire_span.training.checkpoint import (
     write_json_atomic,
 )
 from expire_span.training.config import RunConfig, TrainConfig, vocab_size
+from expire_span.training.distributed import current
+from expire_span.training.tensorboard import TENSORBOARD_DIR, TensorBoardLog
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 RUN_CONFIG_FILE = "config.json"
 RESUMABLE_TRAIN_FIELDS = frozenset(
     {"steps", "eval_every", "eval_batches", "eval_batch_size", "log_every", "checkpoint_every",
-     "keep_checkpoints", "device"}
+     "keep_checkpoints", "device", "tensorboard", "precision", "accumulate"}
 )
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingDiverged(RuntimeError):
@@ -135,13 +143,14 @@ class TrainingLoop(ABC):
         out_dir: run directory.
         resume: continue from the newest loadable checkpoint in ``out_dir``.
         resume_overrides: training fields to change when resuming (e.g. ``{"steps": 2000}``).
-        progress: show a progress bar.
-        echo: where to print messages.
+        progress: show a progress bar (rank 0 only).
+        echo: where to print messages (rank 0 only).
 
     Subclasses implement :meth:`_setup`, :meth:`_train_step`, :meth:`_log_record`,
     :meth:`evaluate` and :meth:`_postfix`, and may extend :meth:`_summary`,
-    :meth:`_trainer_state` and :meth:`_restore`. ``self.memory`` (the training rows' memory) is
-    saved with checkpoints.
+    :meth:`_trainer_state` and :meth:`_restore`. ``self.memory`` (the memory of this process's
+    training rows) is saved with checkpoints; a trainer keeping it elsewhere overrides
+    :meth:`_local_memory` and :meth:`_restore_memory`.
     """
 
     def __init__(
@@ -155,14 +164,15 @@ class TrainingLoop(ABC):
         echo: Callable[[str], None] = print,
     ) -> None:
         self.out_dir = Path(out_dir)
-        self.progress = progress
-        self.echo = echo
+        self.group = current()
+        self.progress = progress and self.group.is_main
+        self.echo = echo if self.group.is_main else _silent
         self.start_step = 0
         loaded = None
         if resume:
             loaded, skipped = load_latest_valid(self.out_dir)
             for message in skipped:
-                echo(f"warning: skipped an unreadable checkpoint: {message}")
+                self.echo(f"warning: skipped an unreadable checkpoint: {message}")
             run = apply_resume_overrides(loaded.run, resume_overrides or {})
         elif run is None:
             raise ValueError("a RunConfig is needed unless resuming")
@@ -175,7 +185,13 @@ class TrainingLoop(ABC):
         run = run.resolved()
         self.run = run
         self.train_cfg = run.train
-        self.device = resolve_device(run.train.device)
+        self.device = self.group.place(resolve_device(run.train.device))
+        if run.train.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError(f"train.precision fp16 needs a CUDA device, not {self.device}: "
+                             "use bf16 (or fp32) on the CPU")
+        self.autocast_dtype = AUTOCAST_DTYPES.get(run.train.precision)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=run.train.precision == "fp16")
+        """Scales fp16 losses so that small gradients survive; a no-op otherwise."""
         self.task = run.build_task()
         self.rows = run.train.batch_size
         """Training rows (streams or environments) whose memory ``self.memory`` holds."""
@@ -197,9 +213,13 @@ class TrainingLoop(ABC):
         self._setup()
         if loaded is not None:
             self._restore(loaded)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.out_dir / RUN_CONFIG_FILE, run.to_dict())
-        self.log = MetricsLog(self.out_dir / METRICS_FILE, self.start_step if resume else None)
+        self.resumed = resume
+        self.log: MetricsLog | None = None
+        self.board: TensorBoardLog | None = None
+        if self.group.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.out_dir / RUN_CONFIG_FILE, run.to_dict())
+            self.log = MetricsLog(self.out_dir / METRICS_FILE, self.start_step if resume else None)
 
     # ------------------------------------------------------------------ to implement
 
@@ -234,6 +254,8 @@ class TrainingLoop(ABC):
         }
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
         return state
 
     def _restore(self, loaded: LoadedCheckpoint) -> None:
@@ -245,28 +267,77 @@ class TrainingLoop(ABC):
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if "scaler" in state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         if loaded.memory_tensors is not None:
             empty = self.model.init_memory(self.rows)
-            self.memory = empty.load_state_dict(loaded.memory_tensors)
+            self._restore_memory(empty.load_state_dict(loaded.memory_tensors))
         self.start_step = loaded.step
         self.echo(f"resuming from {loaded.path} at step {self.start_step}")
 
-    def save(self, step: int) -> Path:
+    def _local_memory(self) -> Memory | None:
+        """The memory of this process's training rows, as checkpoints save it."""
+        return self.memory
+
+    def _restore_memory(self, memory: Memory) -> None:
+        """Take up the memory of all training rows of a checkpoint."""
+        self.memory = memory
+
+    def save(self, step: int) -> Path | None:
+        """Write a checkpoint (rank 0; the others hand it their rows' memory and return None):
+        its memory holds every row of the global batch, in order."""
+        memory = self._local_memory()
+        if self.group.distributed:
+            parts = self.group.gather(None if memory is None else memory.to("cpu"))
+            if parts is None:
+                return None
+            memory = None if any(part is None for part in parts) else Memory.concat(parts)
         return save_checkpoint(
-            self.out_dir, step, self.run, self.model, self._trainer_state(), self.memory,
+            self.out_dir, step, self.run, self.model, self._trainer_state(), memory,
             keep=self.train_cfg.keep_checkpoints,
         )
 
+    def autocast(self) -> torch.autocast:
+        """Mixed precision for the forward pass (``train.precision``; off for fp32)."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                              enabled=self.autocast_dtype is not None)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        """A record for metrics.jsonl and TensorBoard (rank 0 writes them; others do nothing)."""
+        if self.log is not None:
+            self.log.write(record)
+        if self.board is not None:
+            self.board.write(record)
+
+    def _evaluate_on_main(self) -> dict[str, float] | None:
+        """Rank 0 evaluates (with the unwrapped model) while the others wait at a barrier."""
+        metrics = self.evaluate() if self.group.is_main else None
+        self.group.barrier()
+        return metrics
+
     # ------------------------------------------------------------------ loop
 
-    def fit(self) -> dict[str, Any]:
-        """Train to ``train.steps``; return (and write) the summary."""
+    def fit(self) -> dict[str, Any] | None:
+        """Train to ``train.steps``; return (and write) the summary (None on ranks other than
+        0, which write nothing)."""
         cfg = self.train_cfg
+        if self.group.is_main and cfg.tensorboard:
+            self.board = TensorBoardLog(self.out_dir / TENSORBOARD_DIR,
+                                        self.start_step if self.resumed else None)
+        try:
+            return self._fit(cfg)
+        finally:
+            if self.board is not None:
+                self.board.close()
+                self.board = None
+
+    def _fit(self, cfg: TrainConfig) -> dict[str, Any] | None:
         step = self.start_step
         started = time.perf_counter()
         bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not self.progress,
                    dynamic_ncols=True)
         last_eval: dict[str, float] | None = None
+        evaluated = False
         with StopSignals() as stop:
             try:
                 while step < cfg.steps:
@@ -276,41 +347,59 @@ class TrainingLoop(ABC):
                     bar.update(1)
                     if step % cfg.log_every == 0 or step == cfg.steps:
                         record = self._log_record(step)
-                        self.log.write(record)
+                        self._write(record)
                         bar.set_postfix(self._postfix(record))
                     if step % cfg.eval_every == 0 or step == cfg.steps:
-                        last_eval = self.evaluate()
-                        self.log.write({"step": step, "split": "valid", **last_eval})
-                    if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.requested:
+                        last_eval, evaluated = self._evaluate_on_main(), True
+                        if last_eval is not None:
+                            self._write({"step": step, "split": "valid", **last_eval})
+                    stopping = self.group.any(stop.requested is not None)
+                    if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
                         path = self.save(step)
-                    if stop.requested:
+                    if stopping:
                         raise TrainingInterrupted(
-                            f"{stop.requested} at step {step}: checkpoint saved to {path}; "
-                            "continue with --resume"
+                            f"{stop.requested or 'a stop signal'} at step {step}: checkpoint "
+                            f"saved to {path or self.out_dir}; continue with --resume"
                         )
             except TrainingDiverged as error:
-                self.log.write({"step": step, "event": "diverged", "message": str(error)})
+                self._write({"step": step, "event": "diverged", "message": str(error)})
                 raise
             finally:
                 bar.close()
+        if not evaluated:
+            last_eval = self._evaluate_on_main()
         if last_eval is None:
-            last_eval = self.evaluate()
+            return None
         summary = self._summary(step, last_eval, time.perf_counter() - started)
         write_json_atomic(self.out_dir / SUMMARY_FILE, summary)
         return summary
 
-    def _update(self, loss: torch.Tensor, step: int) -> None:
-        """Backpropagate ``loss`` and take an optimizer step, unless the loss or the gradient
-        norm is not finite (then nothing changes and :class:`TrainingDiverged` is raised)."""
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(self._diverged_message(step, "loss", float(loss.detach())))
+    def _update(self, loss: Tensor, step: int) -> None:
+        """Backpropagate ``loss`` and take an optimizer step (see :meth:`_optimizer_step`)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self._backward(loss)
+        self._optimizer_step(step, [loss.detach()])
+
+    def _backward(self, loss: Tensor) -> None:
+        """Add the gradient of ``loss`` (scaled under fp16) to the parameters' gradients."""
+        self.scaler.scale(loss).backward()
+
+    def _optimizer_step(self, step: int, losses: list[Tensor]) -> None:
+        """Clip the gradients and take an optimizer step, unless a loss (of any process) or the
+        gradient norm is not finite: then the weights stay as they were and
+        :class:`TrainingDiverged` is raised. Under fp16, an overflowing gradient only makes the
+        loss scaler skip the step and lower its scale, as mixed precision expects."""
+        bad = next((loss for loss in losses if not torch.isfinite(loss)), None)
+        if self.group.any(bad is not None):
+            value = math.nan if bad is None else float(bad)
+            raise TrainingDiverged(self._diverged_message(step, "loss", value))
+        self.scaler.unscale_(self.optimizer)
         clip = self.train_cfg.grad_clip if self.train_cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if not torch.isfinite(grad_norm):
+        if not torch.isfinite(grad_norm) and not self.scaler.is_enabled():
             raise TrainingDiverged(self._diverged_message(step, "gradient norm", float(grad_norm)))
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.model.after_optimizer_step()
 
     def _diverged_message(self, step: int, what: str, value: float) -> str:
@@ -334,5 +423,10 @@ class TrainingLoop(ABC):
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "train_seconds_this_session": seconds,
             "device": str(self.device),
+            "processes": self.group.world_size,
             "config": self.run.to_dict(),
         }
+
+
+def _silent(message: str) -> None:
+    """Where messages of ranks other than 0 go."""

@@ -109,6 +109,14 @@ class RLTrainer(TrainingLoop):
     model: MemoryAgent
 
     def _setup(self) -> None:
+        cfg = self.train_cfg
+        if self.group.distributed or cfg.accumulate != 1 or cfg.precision != "fp32":
+            raise ValueError(
+                "reinforcement-learning tasks train in one process, without gradient "
+                "accumulation, in fp32: run without torchrun and leave train.accumulate at 1 "
+                f"and train.precision at fp32 (got {self.group.world_size} processes, "
+                f"accumulate {cfg.accumulate}, precision {cfg.precision})"
+            )
         self.rl = self.run.rl_config
         seeds = self.task.seeds(self.train_cfg.seed, "train", self.rows)
         self.runner = EnvRunner(self.task.vector_env(self.rows), self.model, seeds)
