@@ -9,7 +9,7 @@ import torch
 
 from expire_span import MemoryTransformer, ModelConfig
 from expire_span.cli import main
-from expire_span.training.benchmark import BenchConfig, Case, measure, set_retention
+from expire_span.training.benchmark import BenchConfig, Case, batch_ms, measure, set_retention
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.5])
@@ -38,6 +38,9 @@ def test_measure_reports_time_memory_and_memory_size():
                         vocab_size=50, ramp=4, steps=2, warmup_steps=1, device="cpu")
     record = measure(bench, Case("xl", "transformer-xl", 32))
     assert record["ms_per_batch"] > 0 and len(record["ms_all"]) == 2
+    assert record["cpu_ms_per_batch"] > 0
+    assert batch_ms(record) == record["cpu_ms_per_batch"]  # CPU: compared by CPU time
+    assert batch_ms({**record, "device": "cuda:0"}) == record["ms_per_batch"]
     assert record["memory_size"] == pytest.approx(32.0)
     assert record["peak_mb"] > 0
 
