@@ -131,7 +131,6 @@ def run_task(task: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     base = merge(get_preset(PRESETS[task]).config, {"train": {"seed": args.seed}})
     if task == "text":
         base = merge(base, {"task_options": {"data": args.text}})
-    span = base["model"]["max_span"]
     out = Path(args.out) / task
     variants = [(policy, {"memory": policy}) for policy in POLICIES]
     summaries = {name: train(merge(base, {"model": model}), out / name)

@@ -80,11 +80,16 @@ class MaskDecision:
             and padding are applied by the layer, not here.
         aux_loss: scalar, already multiplied by its coefficient; a mean per query of the block.
         keep: ``[B, N]`` bool, which entries of ``context.states`` stay in memory.
+        bias_grad_columns: ``[B, N]`` bool, optional: the keys outside which the bias has a zero
+            derivative in every row (the policy's promise), so that the layer computes the bias
+            gradient on these columns only and otherwise uses fused attention; ``None`` when
+            unknown or when the bias needs no gradient.
     """
 
     bias: Tensor | None
     aux_loss: Tensor
     keep: Tensor
+    bias_grad_columns: Tensor | None = None
 
 
 class MemoryPolicy(nn.Module):

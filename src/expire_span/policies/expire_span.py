@@ -75,7 +75,18 @@ class ExpireSpanPolicy(MemoryPolicy):
         bias = log_mask_bias(mask)
         batch, queries = mask.shape[:2]
         aux = cfg.alpha * ramp_loss(mask, context.states.valid.unsqueeze(1)) / (queries * batch)
-        return MaskDecision(bias=bias.unsqueeze(1), aux_loss=aux, keep=self._keep(context, spans))
+        return MaskDecision(bias=bias.unsqueeze(1), aux_loss=aux, keep=self._keep(context, spans),
+                            bias_grad_columns=self._ramp_columns(mask, remaining))
+
+    def _ramp_columns(self, mask: Tensor, remaining: Tensor) -> Tensor | None:
+        """Keys with an entry where the bias has a derivative: ``m > 0`` (else ``-inf``, filled)
+        and ``1 + r / R <= 1`` (the clamp passes the gradient at 1 itself). The pre-clamp value
+        is recomputed with the expression of :func:`ramp_mask`, so the test is exact."""
+        if not remaining.requires_grad:
+            return None
+        with torch.no_grad():
+            unclamped = 1.0 + remaining / self.config.ramp
+            return ((mask > 0) & (unclamped <= 1.0)).any(dim=1)
 
     def _keep(self, context: BlockContext, spans: Tensor) -> Tensor:
         """Entries some future query can still attend (by the true, not the noisy, spans)."""
