@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from expire_span.policies.base import selected_columns
+
 
 class RampBiasAttention(torch.autograd.Function):
     """``softmax(q k^T / sqrt(d) + bias) v`` with the bias gradient restricted to ``columns``."""
@@ -51,12 +53,10 @@ class RampBiasAttention(torch.autograd.Function):
 
 def _bias_grad(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, columns: Tensor, out: Tensor,
                lse: Tensor, grad_out: Tensor) -> Tensor:
-    """``P * (dP - D)`` on the selected columns (the same number per row of the batch: the first
-    ``max count`` of a stable sort, so extra columns of shorter rows are real, distinct columns
-    whose exact value does no harm), scattered into zeros and summed over broadcast heads."""
-    width = int(columns.sum(dim=1).max())
-    index = torch.argsort(columns.to(torch.uint8), dim=1, descending=True, stable=True)
-    index = index[:, :width]  # [B, C]
+    """``P * (dP - D)`` on the selected columns (see :func:`selected_columns`: the extra columns
+    of rows selecting fewer get their exact value, which does no harm), scattered into zeros and
+    summed over broadcast heads."""
+    index = selected_columns(columns)  # [B, C]
     head_dim = q.shape[-1]
     by_key = index[:, None, :, None].expand(-1, k.shape[1], -1, head_dim)
     k_c, v_c = k.gather(2, by_key), v.gather(2, by_key)  # [B, H, C, d]

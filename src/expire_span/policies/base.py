@@ -38,6 +38,15 @@ def log_mask_bias(mask: Tensor) -> Tensor:
     return bias.masked_fill(mask == 0, float("-inf"))
 
 
+def selected_columns(columns: Tensor) -> Tensor:
+    """``[B, C]`` indices of each row's selected columns (``columns`` ``[B, N]`` bool), C the
+    largest count: rows with fewer are completed with distinct unselected columns, so that every
+    row gathers C different columns."""
+    width = int(columns.sum(dim=1).max())
+    index = torch.argsort(columns.to(torch.uint8), dim=1, descending=True, stable=True)
+    return index[:, :width]
+
+
 @dataclass
 class BlockContext:
     """What a layer attends to while processing one block.
