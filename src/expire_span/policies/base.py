@@ -90,9 +90,8 @@ class MaskDecision:
         aux_loss: scalar, already multiplied by its coefficient; a mean per query of the block.
         keep: ``[B, N]`` bool, which entries of ``context.states`` stay in memory.
         bias_grad_columns: ``[B, N]`` bool, optional: the keys outside which the bias has a zero
-            derivative in every row (the policy's promise), so that the layer computes the bias
-            gradient on these columns only and otherwise uses fused attention; ``None`` when
-            unknown or when the bias needs no gradient.
+            derivative in every row (the policy's promise), so that on CPU the layer can use fused
+            attention and compute the bias gradient on these columns only; ``None``: unknown.
     """
 
     bias: Tensor | None
