@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import expire_span.model.attention as attention_module
 from expire_span import available_policies
+from expire_span.model.attention import dense_attention
+from expire_span.model.ramp_attention import ramp_bias_attention
 from tests.helpers import tiny_model
 
 
@@ -48,3 +51,80 @@ def test_auto_uses_the_fused_path():
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="attention must be one of"):
         tiny_model(attention="flash")
+
+
+# ------------------------------------------------- Expire-Span: bias gradient on ramp columns
+
+
+def run_expire_span(backend: str, chunks: list[int], noisy: bool, counter: list[int] | None = None,
+                    **overrides):
+    """Train-mode calls of the given sizes, memory carried, the loss of every call backpropagated
+    (memories are detached between calls, so the gradients add up)."""
+    tokens = torch.randint(0, 13, (3, sum(chunks)), generator=torch.Generator().manual_seed(4))
+    model = tiny_model("expire-span", seed=3, attention=backend, noisy=noisy, **overrides).train()
+    torch.manual_seed(7)  # the noisy spans' per-block draws
+    memory, logits, start = None, [], 0
+    for size in chunks:
+        out = model(tokens[:, start:start + size], memory)
+        (out.logits.square().mean() + out.aux_loss).backward()
+        logits.append(out.logits.detach())
+        memory, start = out.memory, start + size
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return torch.cat(logits, dim=1), grads, memory
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+@pytest.mark.parametrize("chunks", [[8, 8, 8, 8, 8], [5, 13, 3, 11], [1] * 30],
+                         ids=["blocks", "uneven", "token-by-token"])
+def test_expire_span_ramp_path_matches_dense(monkeypatch, chunks, noisy):
+    calls = []
+    fused = attention_module.ramp_bias_attention
+    monkeypatch.setattr(attention_module, "ramp_bias_attention",
+                        lambda *args: calls.append(1) or fused(*args))
+    dense_logits, dense_grads, _ = run_expire_span("dense", chunks, noisy)
+    assert not calls
+    logits, grads, memory = run_expire_span("auto", chunks, noisy)
+    assert len(calls) == 2 * sum(-(-size // 8) for size in chunks)  # every layer, every block
+    assert len(set(memory.sizes[0].tolist())) > 1  # rows with different memory sizes
+    torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=1e-4)
+    assert grads.keys() == dense_grads.keys()
+    assert any("span_predictor" in name for name in grads)
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_expire_span_without_pruning_matches_dense():
+    chunks = [8, 8, 8, 8]
+    dense_logits, dense_grads, _ = run_expire_span("dense", chunks, False, prune_expired=False)
+    logits, grads, _ = run_expire_span("auto", chunks, False, prune_expired=False)
+    torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=1e-4)
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("bias_heads", [1, 4])
+def test_ramp_bias_attention_gradients(bias_heads):
+    """Against the dense reference: output and q, k, v gradients everywhere, the bias gradient on
+    the selected columns (rows of the batch selecting different numbers)."""
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, queries, keys, dim = 2, 4, 6, 11, 8
+    q, k, v = (torch.randn(batch, heads, n, dim, generator=generator, requires_grad=True)
+               for n in (queries, keys, keys))
+    bias = torch.randn(batch, bias_heads, queries, keys, generator=generator)
+    bias = bias.masked_fill(torch.rand(bias.shape, generator=generator) < 0.3, float("-inf"))
+    bias[..., 0] = 0.0  # every row sees a key
+    bias.requires_grad_()
+    columns = torch.rand(batch, keys, generator=generator) < 0.4
+    columns[0, :] = False
+    columns[0, 3] = True
+    grad_out = torch.randn(batch, heads, queries, dim, generator=generator)
+    expected = dense_attention(q, k, v, bias, 0.0)
+    expected_grads = torch.autograd.grad(expected, (q, k, v, bias), grad_out)
+    out = ramp_bias_attention(q, k, v, bias, columns)
+    out_grads = torch.autograd.grad(out, (q, k, v, bias), grad_out)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    for got, want in zip(out_grads[:3], expected_grads[:3], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    selected = columns[:, None, None, :].expand_as(bias)
+    torch.testing.assert_close(out_grads[3][selected], expected_grads[3][selected],
+                               atol=1e-5, rtol=1e-4)

@@ -9,7 +9,8 @@ import torch
 
 from expire_span.memory import LayerMemory
 from expire_span.policies import BlockContext
-from expire_span.policies.expire_span import ExpireSpanPolicy
+from expire_span.policies.base import log_mask_bias, ramp_mask
+from expire_span.policies.expire_span import ExpireSpanPolicy, ramp_loss
 from tests.helpers import tiny_config, tiny_model
 
 L, R, ALPHA = 10, 4, 0.5
@@ -147,6 +148,54 @@ def test_noisy_clamps_spans_to_a_fraction_of_max_span_in_training_only():
                 assert mask[qi, ki].item() == pytest.approx(expected, abs=1e-5)
     eval_mask = policy.eval().decide(context).bias.exp()[0, 0]
     assert eval_mask[0, 3].item() == pytest.approx(hand_mask(SPANS[3], 5, 3), abs=1e-5)
+
+
+def full_mask_decision(policy: ExpireSpanPolicy, context: BlockContext, limit: float | None):
+    """The formulas on every (query, key) pair, differentiated everywhere: the reference for the
+    policy, which differentiates only the columns on the ramp."""
+    spans = policy.spans(context.inputs)
+    if limit is not None:
+        spans = spans.clamp(max=limit)
+    mask = ramp_mask(spans.unsqueeze(1) - context.age, R)
+    aux = ALPHA * ramp_loss(mask, context.states.valid.unsqueeze(1)) / mask.shape[:2].numel()
+    return log_mask_bias(mask).unsqueeze(1), aux
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+@pytest.mark.parametrize("spans", ["hand", "random"])
+def test_ramp_columns_decision_equals_the_full_formulas(spans, noisy):
+    """Bias and auxiliary loss, their gradients (softmax attention on the bias, plus the loss),
+    with rows of different memory sizes and entries exactly at m = 1 and m = 0 (integer spans)."""
+    policy = make_policy(noisy=noisy).train()
+    set_spans_by_first_channel(policy)
+    generator = torch.Generator().manual_seed(0)
+    if spans == "hand":
+        context = context_for(policy, requires_grad=True)
+    else:
+        context = context_for(policy, spans=[L * 0.9] * len(STEPS))
+        inputs = torch.randn(3, len(STEPS), 4, generator=generator) * 3
+        valid = torch.rand(3, len(STEPS), generator=generator) < 0.7
+        valid[:, -len(QUERY_STEPS):] = True
+        context.states = LayerMemory(inputs, context.states.steps.expand(3, -1), valid)
+        context.inputs = inputs.clone().requires_grad_()
+        context.age = context.age.expand(3, -1, -1)
+        context.visible = valid.unsqueeze(1) & (context.age >= 0)
+    context.block_uniform = 0.35
+    limit = 0.35 * L if noisy else None
+    hidden = ~context.visible.unsqueeze(1)
+    scores = torch.randn(hidden.shape, generator=generator)
+    results = []
+    for decide in (policy.decide, lambda c: full_mask_decision(policy, c, limit)):
+        decision = decide(context)
+        bias, aux = (decision.bias, decision.aux_loss) if decide == policy.decide else decision
+        probs = torch.softmax(scores + bias.masked_fill(hidden, -math.inf), dim=-1)
+        loss = (probs * scores).sum() + aux
+        results.append((bias.detach(), aux.detach(), *torch.autograd.grad(loss, context.inputs)))
+    (bias, aux, grad), (full_bias, full_aux, full_grad) = results
+    assert torch.equal(bias, full_bias)
+    torch.testing.assert_close(aux, full_aux)
+    torch.testing.assert_close(grad, full_grad, atol=1e-6, rtol=1e-5)
+    assert full_grad.abs().sum() > 0
 
 
 def test_keep_removes_exactly_what_no_future_query_can_see():

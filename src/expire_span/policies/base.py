@@ -38,6 +38,15 @@ def log_mask_bias(mask: Tensor) -> Tensor:
     return bias.masked_fill(mask == 0, float("-inf"))
 
 
+def selected_columns(columns: Tensor) -> Tensor:
+    """``[B, C]`` indices of each row's selected columns (``columns`` ``[B, N]`` bool), C the
+    largest count: rows with fewer are completed with distinct unselected columns, so that every
+    row gathers C different columns."""
+    width = int(columns.sum(dim=1).max())
+    index = torch.argsort(columns.to(torch.uint8), dim=1, descending=True, stable=True)
+    return index[:, :width]
+
+
 @dataclass
 class BlockContext:
     """What a layer attends to while processing one block.
@@ -80,11 +89,15 @@ class MaskDecision:
             and padding are applied by the layer, not here.
         aux_loss: scalar, already multiplied by its coefficient; a mean per query of the block.
         keep: ``[B, N]`` bool, which entries of ``context.states`` stay in memory.
+        bias_grad_columns: ``[B, N]`` bool, optional: the keys outside which the bias has a zero
+            derivative in every row (the policy's promise), so that on CPU the layer can use fused
+            attention and compute the bias gradient on these columns only; ``None``: unknown.
     """
 
     bias: Tensor | None
     aux_loss: Tensor
     keep: Tensor
+    bias_grad_columns: Tensor | None = None
 
 
 class MemoryPolicy(nn.Module):

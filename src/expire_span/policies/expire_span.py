@@ -35,13 +35,15 @@ from expire_span.policies.base import (
     MemoryPolicy,
     log_mask_bias,
     ramp_mask,
+    selected_columns,
 )
 
 
 def ramp_loss(mask: Tensor, valid: Tensor) -> Tensor:
     """``sum (r + R) / R`` over the (query, memory) pairs on the ramp, computed as ``sum m``
     over pairs with ``m < 1``: on the ramp ``r + R = R m``, expired pairs add 0, and future keys
-    (``r > 0``) and the query itself have ``m = 1``. ``valid`` (``[B, 1, N]``) drops padding."""
+    (``r > 0``) and the query itself have ``m = 1``. ``valid`` (``[B, 1, N]``) drops padding; any
+    subset of columns holding every pair with ``0 < m < 1`` gives the same sum."""
     return torch.where(valid & (mask < 1), mask, torch.zeros_like(mask)).sum()
 
 
@@ -70,12 +72,31 @@ class ExpireSpanPolicy(MemoryPolicy):
         if cfg.noisy and self.training:
             limit = context.block_uniform * cfg.max_span
             masked_spans = spans.clamp(max=limit)
-        remaining = masked_spans.unsqueeze(1) - context.age  # [B, T, N]
+        bias, columns = self._constant_bias(masked_spans.detach(), context.age)
+        # Only entries on the ramp have a derivative; they lie in few key columns, so the mask
+        # (and the loss) is differentiated on those columns only and scattered into the rest.
+        index = selected_columns(columns)  # [B, C]
+        by_entry = index.unsqueeze(1).expand(-1, context.num_queries, -1)  # [B, T, C]
+        remaining = masked_spans.gather(1, index).unsqueeze(1) - context.age.gather(2, by_entry)
         mask = ramp_mask(remaining, cfg.ramp)
-        bias = log_mask_bias(mask)
-        batch, queries = mask.shape[:2]
-        aux = cfg.alpha * ramp_loss(mask, context.states.valid.unsqueeze(1)) / (queries * batch)
-        return MaskDecision(bias=bias.unsqueeze(1), aux_loss=aux, keep=self._keep(context, spans))
+        bias = bias.scatter(2, by_entry, log_mask_bias(mask))
+        valid = context.states.valid.gather(1, index).unsqueeze(1)
+        batch, queries = bias.shape[:2]
+        aux = cfg.alpha * ramp_loss(mask, valid) / (queries * batch)
+        return MaskDecision(bias=bias.unsqueeze(1), aux_loss=aux, keep=self._keep(context, spans),
+                            bias_grad_columns=columns)
+
+    def _constant_bias(self, spans: Tensor, age: Tensor) -> tuple[Tensor, Tensor]:
+        """``[B, T, N]`` bias, exact where the mask is 1 (0) or 0 (``-inf``), and the ``[B, N]``
+        columns with an entry in between, where the mask has a derivative: ``1 + r / R`` in
+        ``(0, 1]`` (the clamp passes the gradient at 1), computed by :func:`ramp_mask`'s
+        expression, so it selects exactly the entries it would put on the ramp."""
+        with torch.no_grad():
+            unclamped = 1.0 + (spans.unsqueeze(1) - age) / self.config.ramp
+            expired = unclamped <= 0
+            columns = (~expired & (unclamped <= 1)).any(dim=1)
+            bias = torch.zeros_like(unclamped).masked_fill_(expired, float("-inf"))
+        return bias, columns
 
     def _keep(self, context: BlockContext, spans: Tensor) -> Tensor:
         """Entries some future query can still attend (by the true, not the noisy, spans)."""
