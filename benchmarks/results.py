@@ -40,6 +40,7 @@ from expire_span.training import (  # noqa: E402
     get_preset,
     load_checkpoint,
 )
+from expire_span.training.benchmark import BenchConfig, Case, batch_ms, measure_isolated  # noqa: E402
 from expire_span.training.config import merge  # noqa: E402
 from expire_span.training.dispatch import trainer_class  # noqa: E402
 
@@ -104,6 +105,21 @@ def ms_per_step(run_dir: Path, run: RunConfig) -> float:
     return 1000 * positions / statistics.median(rate for rate in rates if rate)
 
 
+def training_cost(run_dir: Path, run: RunConfig, name: str) -> dict[str, float]:
+    """Time and peak memory of a training step of the trained model on its task's data, with its
+    learned memory (``expire-span bench --checkpoint``: a fresh process, memory warmed up by
+    reading L + R tokens, the median of 5 steps of one block x ``batch_size`` rows, CPU time on the
+    CPU). RL agents are not measured this way (their steps are environment steps)."""
+    if is_rl_task(run.task):
+        return {}
+    bench = BenchConfig(batch_size=run.train.batch_size, steps=5, warmup_steps=2, device="cpu")
+    case = Case(name, run.model["memory"], run.model["max_span"])
+    record = measure_isolated(bench, case, checkpoint=str(run_dir))
+    if "error" in record:
+        raise SystemExit(f"measuring {run_dir} failed: {record['error']}")
+    return {"block_ms": batch_ms(record), "peak_increase_mb": record["peak_increase_mb"]}
+
+
 def test_metrics(run_dir: Path) -> dict[str, float]:
     """The final checkpoint on the test split, as ``expire-span eval --split test`` reports it."""
     loaded = load_checkpoint(run_dir)
@@ -162,21 +178,25 @@ def run_task(task: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             "avg_memory_size": summary["avg_memory_size"],
             "ms_per_step": ms_per_step(run_dir, run), "peak_rss_mb": summary["peak_rss_mb"],
             "parameters": summary["parameters"], "steps": summary["steps"],
+            **training_cost(run_dir, run, name),
         })
     return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| task | model | L (window) | test metric | valid metric | avg memory size "
-             "| memory / L | ms per step | peak RSS (MB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| memory / L | ms per step (wall, in training) | peak RSS of training (MB) "
+             "| ms per block (CPU, trained) | peak increase per block (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         metric = row["metric"]
+        cost = (f"{row['block_ms']:.1f} | {row['peak_increase_mb']:.0f}"
+                if "block_ms" in row else "- | -")
         lines.append(
             f"| {row['task']} | {row['model']} | {row['max_span']} | "
             f"{metric} {row['test'][metric]:.3f} | {row['valid'][metric]:.3f} | "
             f"{row['avg_memory_size']:.1f} | {row['avg_memory_size'] / row['max_span']:.3f} | "
-            f"{row['ms_per_step']:.0f} | {row['peak_rss_mb']:.0f} |")
+            f"{row['ms_per_step']:.0f} | {row['peak_rss_mb']:.0f} | {cost} |")
     return "\n".join(lines)
 
 
