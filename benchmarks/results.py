@@ -128,18 +128,22 @@ def test_metrics(run_dir: Path) -> dict[str, float]:
 
 
 def plot(task: str, metric: str, runs: list[tuple[str, Path]], path: Path) -> None:
-    """Learning curves: the task metric (validation; training episodes for RL) and the average
-    memory size, against training steps."""
-    split = "train" if is_rl_task(task) else "valid"
+    """Learning curves against training steps: the task metric on the training batches (lines)
+    and at each validation (dots; RL: training episodes only), and the average memory size."""
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     for label, run_dir in runs:
-        rows = [r for r in records(run_dir, split) if metric in r]
-        steps = [r["step"] for r in rows]
-        left.plot(steps, [r[metric] for r in rows], label=label, marker=".")
-        right.plot(steps, [r["memory_size"] for r in rows], label=label, marker=".")
-    left.set(xlabel="training step", ylabel=f"{metric} ({split})", title=f"{task}: {metric}")
+        train = [r for r in records(run_dir, "train") if metric in r]
+        valid = [r for r in records(run_dir, "valid") if metric in r]
+        line, = left.plot([r["step"] for r in train], [r[metric] for r in train], label=label,
+                          linewidth=1)
+        left.plot([r["step"] for r in valid], [r[metric] for r in valid], "o",
+                  color=line.get_color())
+        right.plot([r["step"] for r in train], [r["memory_size"] for r in train], label=label,
+                   linewidth=1)
+    left.set(xlabel="training step", ylabel=metric,
+             title=f"{task}: {metric} (lines: training, dots: validation)")
     right.set(xlabel="training step", ylabel="earlier steps attended per query",
-              title=f"{task}: average memory size")
+              title=f"{task}: average memory size (training)")
     left.legend(fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
