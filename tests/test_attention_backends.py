@@ -9,6 +9,7 @@ import expire_span.model.attention as attention_module
 from expire_span import available_policies
 from expire_span.model.attention import dense_attention
 from expire_span.model.ramp_attention import ramp_bias_attention
+from expire_span.policies.base import selected_columns
 from tests.helpers import tiny_model
 
 
@@ -120,7 +121,7 @@ def test_ramp_bias_attention_gradients(bias_heads):
     grad_out = torch.randn(batch, heads, queries, dim, generator=generator)
     expected = dense_attention(q, k, v, bias, 0.0)
     expected_grads = torch.autograd.grad(expected, (q, k, v, bias), grad_out)
-    out = ramp_bias_attention(q, k, v, bias, columns)
+    out = ramp_bias_attention(q, k, v, bias, selected_columns(columns))
     out_grads = torch.autograd.grad(out, (q, k, v, bias), grad_out)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
     for got, want in zip(out_grads[:3], expected_grads[:3], strict=True):

@@ -75,7 +75,7 @@ class MultiHeadAttention(nn.Module):
         query_steps: Tensor,
         key_values: Tensor,
         bias: Tensor,
-        bias_grad_columns: Tensor | None = None,
+        bias_grad_index: Tensor | None = None,
     ) -> Tensor:
         """Attend.
 
@@ -84,7 +84,7 @@ class MultiHeadAttention(nn.Module):
             query_steps: ``[T]`` int64 absolute steps of the queries.
             key_values: ``[B, N, 2 D]`` from :meth:`keys_values`.
             bias: ``[B, 1 or H, T, N]`` additive scores (``-inf`` hides a key).
-            bias_grad_columns: ``[B, N]`` bool, optional: the only keys whose bias entries have a
+            bias_grad_index: ``[B, C]`` int64, optional: the only keys whose bias entries have a
                 nonzero derivative downstream (see :class:`~expire_span.policies.MaskDecision`).
 
         Returns:
@@ -94,10 +94,10 @@ class MultiHeadAttention(nn.Module):
         keys, values = key_values.chunk(2, dim=-1)
         k, v = self._heads(keys), self._heads(values)
         dropout = self.dropout if self.training else 0.0
-        if (self.fused and bias_grad_columns is not None and dropout == 0.0
+        if (self.fused and bias_grad_index is not None and dropout == 0.0
                 and q.device.type == "cpu" and bias.requires_grad):
             # CPU SDPA would take its math path for a bias requiring grad: fused, columns only.
-            out = ramp_bias_attention(q, k, v, bias.to(q.dtype), bias_grad_columns)
+            out = ramp_bias_attention(q, k, v, bias.to(q.dtype), bias_grad_index)
         elif self.fused:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
                                                  dropout_p=dropout)

@@ -103,7 +103,7 @@ class TransformerLayer(nn.Module):
             bias = decision.bias
         bias = bias.masked_fill(hidden_keys, float("-inf"))
         attended = self.attention(inputs[:, -queries:], steps, key_values, bias,
-                                  decision.bias_grad_columns)
+                                  decision.bias_grad_index)
         with torch.no_grad():  # earlier steps seen with non-zero weight (the query itself excluded)
             rows = bias.numel() // bias.shape[-1]
             memory_size = (bias > float("-inf")).sum() / rows - 1.0

@@ -89,15 +89,16 @@ class MaskDecision:
             and padding are applied by the layer, not here.
         aux_loss: scalar, already multiplied by its coefficient; a mean per query of the block.
         keep: ``[B, N]`` bool, which entries of ``context.states`` stay in memory.
-        bias_grad_columns: ``[B, N]`` bool, optional: the keys outside which the bias has a zero
-            derivative in every row (the policy's promise), so that on CPU the layer can use fused
-            attention and compute the bias gradient on these columns only; ``None``: unknown.
+        bias_grad_index: ``[B, C]`` int64, optional (from :func:`selected_columns`): the keys
+            outside which the bias has a zero derivative in every row (the policy's promise), so
+            that on CPU the layer can use fused attention and compute the bias gradient on these
+            columns only; ``None``: unknown.
     """
 
     bias: Tensor | None
     aux_loss: Tensor
     keep: Tensor
-    bias_grad_columns: Tensor | None = None
+    bias_grad_index: Tensor | None = None
 
 
 class MemoryPolicy(nn.Module):

@@ -84,7 +84,7 @@ class ExpireSpanPolicy(MemoryPolicy):
         batch, queries = bias.shape[:2]
         aux = cfg.alpha * ramp_loss(mask, valid) / (queries * batch)
         return MaskDecision(bias=bias.unsqueeze(1), aux_loss=aux, keep=self._keep(context, spans),
-                            bias_grad_columns=columns)
+                            bias_grad_index=index)
 
     def _constant_bias(self, spans: Tensor, age: Tensor) -> tuple[Tensor, Tensor]:
         """``[B, T, N]`` bias, exact where the mask is 1 (0) or 0 (``-inf``), and the ``[B, N]``
