@@ -28,15 +28,7 @@ import torch  # noqa: E402
 
 from expire_span import MemoryTransformer, ModelConfig  # noqa: E402
 from expire_span.model import generate_stream  # noqa: E402
-from expire_span.training.benchmark import set_retention  # noqa: E402
-
-
-def resident_mb() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from expire_span.training.benchmark import rss_mb, set_retention  # noqa: E402
 
 
 def series(model: MemoryTransformer, tokens: int, window: int, seed: int) -> dict[str, list]:
@@ -52,7 +44,7 @@ def series(model: MemoryTransformer, tokens: int, window: int, seed: int) -> dic
             out["tokens"].append(count)
             out["ms_per_token"].append(1000 * (now - started) / window)
             out["cpu_ms_per_token"].append(1000 * (cpu_now - cpu_started) / window)
-            out["rss_mb"].append(resident_mb())
+            out["rss_mb"].append(rss_mb())
             out["cache"].append(float(step.memory.sizes.float().mean()))
             started, cpu_started = now, cpu_now
     return out

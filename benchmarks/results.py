@@ -40,7 +40,13 @@ from expire_span.training import (  # noqa: E402
     get_preset,
     load_checkpoint,
 )
-from expire_span.training.benchmark import BenchConfig, Case, batch_ms, measure_isolated  # noqa: E402
+from expire_span.training.benchmark import (  # noqa: E402
+    BenchConfig,
+    Case,
+    batch_ms,
+    measure_isolated,
+    rss_mb,
+)
 from expire_span.training.config import merge  # noqa: E402
 from expire_span.training.dispatch import trainer_class  # noqa: E402
 
@@ -58,18 +64,10 @@ MATCHED = {"copy", "corridor", "object-collision", "text"}
 the paper's claims are about, and text; skipped for portal and instruction to save CPU time)."""
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak resident set size (VmHWM), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _train_child(config: dict[str, Any], out: str, results: Any) -> None:
     run = RunConfig.from_dict(config)
     trainer_class(run.task)(run, out, progress=False).fit()
-    results.put(_peak_rss_mb())
+    results.put(rss_mb("VmHWM"))
 
 
 def train(config: dict[str, Any], out: Path) -> dict[str, Any]:

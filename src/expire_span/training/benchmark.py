@@ -125,7 +125,8 @@ def estimated_peak_gb(bench: BenchConfig, case: Case) -> float:
     return bench.n_layers * bench.batch_size * states * (per_state + attention) / 2**30
 
 
-def _rss_mb(key: str) -> float:
+def rss_mb(key: str = "VmRSS") -> float:
+    """This process's resident memory in MB: ``VmRSS`` (now) or ``VmHWM`` (peak), Linux only."""
     with open("/proc/self/status") as handle:
         for line in handle:
             if line.startswith(key + ":"):
@@ -152,7 +153,7 @@ def _peak_mb(device: torch.device, resettable: bool) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     if resettable:
-        return _rss_mb("VmHWM")
+        return rss_mb("VmHWM")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -273,7 +274,7 @@ def _synchronize(device: torch.device) -> None:
 def _current_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**20
-    return _rss_mb("VmRSS")
+    return rss_mb("VmRSS")
 
 
 def _child(target: Callable[..., dict[str, Any]], args: tuple, results: Any) -> None:
