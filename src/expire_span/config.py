@@ -12,6 +12,8 @@ from typing import Any
 
 ATTENTION_BACKENDS = ("auto", "dense", "sdpa")
 COMPRESSION_FUNCTIONS = ("conv", "max", "mean")
+SPAN_LOSSES = ("ramp", "l1")
+"""Names accepted by ``ModelConfig.span_loss`` (Expire-Span's auxiliary loss)."""
 """Names accepted by ``ModelConfig.compress_fn`` (Compressive Transformer)."""
 
 
@@ -51,6 +53,11 @@ class ModelConfig:
     """R: length of the soft ramp of the expiration mask (Expire-Span, Adaptive-Span)."""
     alpha: float = 1e-6
     """Coefficient of the Expire-Span auxiliary loss on the spans."""
+    span_loss: str = "ramp"
+    """Form of the Expire-Span auxiliary loss: ramp (the released code's: only (query, memory)
+    pairs on the ramp are charged) or l1 (the paper's: alpha * sum of every new memory's span /
+    T, so memories that never reach their ramp are charged too). One alpha means the same
+    pressure in both: each memory is charged alpha per unit of span once in its life."""
     init_percentage: float = 0.1
     """p: every span starts at p * L (bias = logit(p), weights = 0)."""
     pre_div: float = 1.0
@@ -142,6 +149,10 @@ class ModelConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.span_loss not in SPAN_LOSSES:
+            raise ValueError(
+                f"span_loss must be one of {', '.join(SPAN_LOSSES)}, got {self.span_loss!r}"
+            )
         if self.compress_fn not in COMPRESSION_FUNCTIONS:
             raise ValueError(
                 f"compress_fn must be one of {', '.join(COMPRESSION_FUNCTIONS)}, "

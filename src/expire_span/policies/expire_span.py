@@ -6,11 +6,14 @@ The whole method, per layer (memory i created at step i, query at step t):
   ``w = 0`` and ``b = logit(p)`` at initialisation so every span starts at ``p * L``;
 - remaining span ``r_ti = e_i - (t - i)`` and soft mask ``m_ti = clamp(1 + r_ti / R, 0, 1)``;
 - attention ``softmax(s_ti + log m_ti)`` (the layer adds the bias returned here; m = 0 is -inf);
-- auxiliary loss, on (query, memory) pairs on the ramp only (0 < m < 1):
-  ``alpha * sum (r_ti + R) / (R * T * B)``. Its gradient is the released code's (there the summed
-  term is ``r_ti``; we add the constant R so the reported value is >= 0): every ramp pair pushes its
-  memory's span down by ``alpha / (R T)``, and a memory spends about R queries on the ramp, so each
-  memory is charged about once per unit of span, averaged over the block's T queries;
+- auxiliary loss, ``span_loss="ramp"`` (the default, the released code's form), on (query,
+  memory) pairs on the ramp only (0 < m < 1): ``alpha * sum (r_ti + R) / (R * T * B)``. Its
+  gradient is the released code's (there the summed term is ``r_ti``; we add the constant R so the
+  reported value is >= 0): every ramp pair pushes its memory's span down by ``alpha / (R T B)``,
+  and a memory spends R queries on the ramp, so each memory is charged once per unit of span;
+- ``span_loss="l1"`` (the paper's form): ``alpha * sum_i e_i / (T * B)`` over the block's own T
+  new states, so every memory is charged exactly once per unit of span, in the block that makes
+  it, whether or not it ever reaches its ramp (one alpha means the same pressure in both forms);
 - random span shortening (``noisy``, training only): one ``u ~ U(0, 1)`` per block and
   ``e_i <- min(e_i, u L)`` for the mask and the loss;
 - memory i is deleted once no future query can see it, i.e. when ``m`` at the next block's first
@@ -45,6 +48,14 @@ def ramp_loss(mask: Tensor, valid: Tensor) -> Tensor:
     (``r > 0``) and the query itself have ``m = 1``. ``valid`` (``[B, 1, N]``) drops padding; any
     subset of columns holding every pair with ``0 < m < 1`` gives the same sum."""
     return torch.where(valid & (mask < 1), mask, torch.zeros_like(mask)).sum()
+
+
+def new_span_sum(spans: Tensor, context: BlockContext) -> Tensor:
+    """``sum_i e_i`` over the block's own states (the last T entries of the context, padding
+    excluded): each memory enters this sum once, in the block that produces it."""
+    queries = context.num_queries
+    valid = context.states.valid[:, -queries:]
+    return torch.where(valid, spans[:, -queries:], torch.zeros_like(spans[:, -queries:])).sum()
 
 
 class ExpireSpanPolicy(MemoryPolicy):
@@ -82,7 +93,10 @@ class ExpireSpanPolicy(MemoryPolicy):
         bias = bias.scatter(2, by_entry, log_mask_bias(mask))
         valid = context.states.valid.gather(1, index).unsqueeze(1)
         batch, queries = bias.shape[:2]
-        aux = cfg.alpha * ramp_loss(mask, valid) / (queries * batch)
+        if cfg.span_loss == "l1":
+            aux = cfg.alpha * new_span_sum(masked_spans, context) / (queries * batch)
+        else:
+            aux = cfg.alpha * ramp_loss(mask, valid) / (queries * batch)
         return MaskDecision(bias=bias.unsqueeze(1), aux_loss=aux, keep=self._keep(context, spans),
                             bias_grad_index=index)
 

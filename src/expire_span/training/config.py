@@ -21,6 +21,7 @@ from expire_span.config import ModelConfig
 from expire_span.model import MemoryAgent, MemoryTransformer, agent_vocab_size
 from expire_span.tasks import RLTask, SequenceTask, build_task, is_rl_task, task_class
 from expire_span.tasks.base import TextCodec
+from expire_span.training.span_rule import DERIVED_FIELDS, span_settings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -60,6 +61,15 @@ class TrainConfig:
     still moved the weights at full speed along what was left, undoing what was learned)."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0 disables)."""
+    aux_hold: float = 0.5
+    """Hold the memory policy's auxiliary loss at 0 until the smoothed training loss has fallen
+    to this fraction of its first value (the task is being learned), so that it cannot shrink
+    spans before the task shows which memories matter; 0 applies it from the first step."""
+    aux_hold_until: float = 0.5
+    """Fraction of the run after which the hold ends anyway (for tasks whose loss never falls to
+    aux_hold times its first value)."""
+    aux_ramp: int = 100
+    """Steps over which the auxiliary loss rises from 0 to its full weight once released."""
     eval_every: int = 200
     eval_batches: int = 20
     """Batches per periodic evaluation (language-modelling tasks read the whole split; RL tasks
@@ -93,6 +103,12 @@ class TrainConfig:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if self.warmup < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("train.warmup, train.grad_clip and train.weight_decay must be >= 0")
+        if not 0.0 <= self.aux_hold < 1.0:
+            raise ValueError(f"train.aux_hold must be in [0, 1), got {self.aux_hold}")
+        if not 0.0 <= self.aux_hold_until <= 1.0:
+            raise ValueError(f"train.aux_hold_until must be in [0, 1], got {self.aux_hold_until}")
+        if self.aux_ramp < 0:
+            raise ValueError(f"train.aux_ramp must be >= 0, got {self.aux_ramp}")
         if self.adam_eps <= 0:
             raise ValueError(f"train.adam_eps must be > 0, got {self.adam_eps}")
         if self.precision not in PRECISIONS:
@@ -194,7 +210,7 @@ class RunConfig:
         """A copy with every task option and model field spelled out (what a run records), after
         building everything once so that a bad value fails before training starts."""
         task = self.build_task()
-        model = self.model_config(vocab_size(task)).to_dict()
+        model = self.with_span_settings(task).model_config(vocab_size(task)).to_dict()
         del model["vocab_size"]
         if isinstance(task, RLTask):
             rl = dataclasses.asdict(self.rl_config)
@@ -205,6 +221,25 @@ class RunConfig:
             rl = {}
         return RunConfig(self.task, task.options_dict(), model,
                          TrainConfig(**dataclasses.asdict(self.train)), rl)
+
+    def with_span_settings(self, task: SequenceTask | RLTask) -> RunConfig:
+        """A copy whose model fills the span hyperparameters it leaves unset from
+        :func:`~expire_span.training.span_rule.span_settings`, when the task states its
+        dependency length (``task.dependency_length``); otherwise this config."""
+        dependency = getattr(task, "dependency_length", None)
+        missing = [name for name in DERIVED_FIELDS if name not in self.model]
+        if dependency is None or not missing:
+            return self
+        get = lambda name: self.model.get(name, getattr(ModelConfig, name))  # noqa: E731
+        if "init_percentage" in self.model and "adapt_span_init" in missing:
+            missing.remove("adapt_span_init")  # both start at the span given for Expire-Span
+            model = {"adapt_span_init": self.model["init_percentage"], **self.model}
+        else:
+            model = dict(self.model)
+        derived = span_settings(get("max_span"), get("block_len"), dependency, get("d_model"),
+                                tuple(missing))
+        model = {**derived, **model}
+        return dataclasses.replace(self, model=model)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

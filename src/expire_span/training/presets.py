@@ -1,8 +1,12 @@
 """Named hyperparameter sets: small CPU ones for demos and tests, the paper's for GPUs.
 
 A preset is a partial run configuration (sections ``task``, ``task_options``, ``model``,
-``train``). Without ``--preset`` a task's default preset (``DEFAULT_PRESETS``) is applied, so that
-``expire-span train --task copy`` does something sensible on a laptop.
+``train``). The copy presets leave the span hyperparameters (ramp, alpha, starting span,
+pre-division) to :mod:`expire_span.training.span_rule`, which derives them from L, M and the
+task's dependency, so that ``--symbols``, ``--gap`` and ``--max-span`` alone give a working run;
+``copy-test`` keeps explicit values (the tests rely on them). Without ``--preset`` a task's
+default preset (``DEFAULT_PRESETS``) is applied, so that ``expire-span train --task copy`` does
+something sensible on a laptop.
 """
 
 from __future__ import annotations
@@ -27,13 +31,12 @@ _PRESETS = [
             "task_options": {"symbols": 8, "gap": 200, "alphabet": 16},
             "model": {
                 "d_model": 64, "n_layers": 2, "n_heads": 4, "block_len": 32, "max_span": 512,
-                "ramp": 16, "alpha": 1e-4, "init_percentage": 0.6, "pre_div": 8.0,
-                "adapt_span_init": 0.6, "adapt_span_loss": 1e-4,
-            },
+                "adapt_span_loss": 1e-4,
+            },  # ramp, alpha, init_percentage, pre_div, adapt_span_init: from the span rule
             "train": {
-                "steps": 600, "batch_size": 32, "seq_len": 128, "lr": 2e-3, "warmup": 50,
+                "steps": 1000, "batch_size": 32, "seq_len": 128, "lr": 2e-3, "warmup": 50,
                 "schedule": "cosine",
-                "eval_every": 200, "eval_batches": 10, "log_every": 20, "checkpoint_every": 200,
+                "eval_every": 500, "eval_batches": 10, "log_every": 20, "checkpoint_every": 200,
             },
         },
     ),
@@ -63,9 +66,8 @@ _PRESETS = [
             "task_options": {"symbols": 8, "gap": 16384, "alphabet": 16, "eval_warmup": 65536},
             "model": {
                 "d_model": 256, "n_layers": 4, "n_heads": 8, "block_len": 512,
-                "max_span": 32768, "ramp": 128, "alpha": 1e-6, "init_percentage": 0.6,
-                "pre_div": 64.0, "adapt_span_init": 0.6,
-            },
+                "max_span": 32768,
+            },  # span hyperparameters from the span rule
             "train": {
                 "steps": 20000, "batch_size": 32, "seq_len": 2048, "lr": 5e-4, "warmup": 1000,
                 "eval_every": 1000, "eval_batches": 20, "log_every": 50,

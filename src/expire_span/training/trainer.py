@@ -1,6 +1,8 @@
 """The training loop for sequence tasks: token streams read in batches, memory carried across.
 
-It knows nothing about memory policies: it adds ``out.aux_loss`` to the task loss, reports
+It knows nothing about memory policies: it adds ``out.aux_loss`` to the task loss (weighted by
+:class:`~expire_span.training.aux_gate.AuxiliaryGate`: held at 0 until the task is being
+learned), reports
 ``out.memory_size`` and calls ``model.after_optimizer_step()``. What all trainers share (resume,
 checkpoints, logging, signals, divergence checks) is in :mod:`expire_span.training.loop`.
 
@@ -36,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from expire_span.memory import Memory
 from expire_span.model import MemoryTransformer
 from expire_span.tasks import MetricAccumulator, SequenceTask, Shard
+from expire_span.training.aux_gate import AuxiliaryGate
 from expire_span.training.distributed import Group
 from expire_span.training.evaluate import evaluate, forget_restarted_rows
 from expire_span.training.loop import TrainingLoop
@@ -69,6 +72,15 @@ class Trainer(TrainingLoop):
             self.network = DistributedDataParallel(self.model, device_ids=device_ids,
                                                    find_unused_parameters=skips)
         self.interval = _Interval(self.device)
+        self.aux_gate = AuxiliaryGate(cfg.aux_hold, math.ceil(cfg.aux_hold_until * cfg.steps),
+                                      cfg.aux_ramp)
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {**super()._trainer_state(), "aux_gate": self.aux_gate.state_dict()}
+
+    def _restore(self, loaded) -> None:
+        super()._restore(loaded)
+        self.aux_gate.load_state_dict(loaded.trainer_state.get("aux_gate"))
 
     def _local_memory(self) -> Memory | None:
         if any(memory is None for memory in self.memories):
@@ -93,12 +105,14 @@ class Trainer(TrainingLoop):
         batches = [self.task.batch("train", step, rows, self.run.seq_len).to(self.device)
                    for rows in self.micro_rows]
         local = torch.stack([batch.weights.to(torch.float32).sum() for batch in batches]).sum()
-        scored = self.group.sum(local).clamp_min(1.0)
+        scored_total = self.group.sum(local)
+        scored = scored_total.clamp_min(1.0)
         processes = self.group.world_size
+        aux_weight = self.aux_gate.scale(step)
         self.optimizer.zero_grad(set_to_none=True)
         self.network.train()
         random_state = _random_state(self.device)
-        losses = []
+        losses, task_losses = [], []
         for index, (rows, batch) in enumerate(zip(self.micro_rows, batches, strict=True)):
             if index:
                 _set_random_state(random_state, self.device)
@@ -108,13 +122,23 @@ class Trainer(TrainingLoop):
                     out = self.network(batch.tokens,
                                        forget_restarted_rows(self.memories[index], batch))
                 task_loss = self.interval.metrics.update_sum(out.logits, batch) / scored
-                loss = (task_loss + out.aux_loss * share) * processes
+                loss = (task_loss + out.aux_loss * (share * aux_weight)) * processes
                 self._backward(loss)
             losses.append(loss.detach())
+            task_losses.append(task_loss.detach())
             self.memories[index] = out.memory
             self.interval.add(out, share, batch.tokens.numel())
         self._optimizer_step(step, losses)
         self.interval.steps += 1
+        self._observe_loss(step, task_losses, scored_total)
+
+    def _observe_loss(self, step: int, task_losses: list[torch.Tensor],
+                      scored: torch.Tensor) -> None:
+        """Hand the gate the global training loss of the step (one all-reduce, while held)."""
+        if self.aux_gate.opened_at is not None:
+            return
+        loss = self.group.sum(torch.stack(task_losses).sum())
+        self.aux_gate.observe(step, float(loss) if float(scored) > 0 else None)
 
     def _gradient_sync(self, last: bool) -> AbstractContextManager[Any]:
         """DistributedDataParallel averages gradients after the last micro-batch only."""
@@ -123,7 +147,9 @@ class Trainer(TrainingLoop):
         return self.network.no_sync()
 
     def _log_record(self, step: int) -> dict[str, Any]:
-        return self.interval.flush(self.task, step, self.scheduler.get_last_lr()[0], self.group)
+        record = self.interval.flush(self.task, step, self.scheduler.get_last_lr()[0], self.group)
+        record["aux_weight"] = self.aux_gate.scale(step - 1)  # of the last step taken
+        return record
 
     def _postfix(self, record: dict[str, Any]) -> dict[str, str]:
         postfix = {"loss": f"{record['loss']:.3f}"}

@@ -1,0 +1,120 @@
+"""Expire-Span on a grid of copy tasks with ONE set of defaults: only the task flags change.
+
+Every configuration is ``expire-span train --task copy --symbols K --gap D --max-span L`` with
+the copy preset (``copy-cpu``: M = 32, its model and budget); the span hyperparameters come from
+the span rule (``expire_span.training.span_rule``) and the auxiliary loss waits for the task to
+be learned (``train.aux_hold``). Each run trains in a fresh process (a finished run is not
+trained again, so the grid resumes), is evaluated on the test split, and its spans are read on a
+test stream: for every layer, the spans of the K symbols against their distance to the answer
+(K + D) and the median span of the fillers. All finished runs under ``--out`` go to ``--record``.
+
+    OMP_NUM_THREADS=1 python benchmarks/copy_robustness.py --out runs/copy-robustness \\
+        --record docs/results/copy-robustness.json
+    # or split the grid over two processes, then gather:
+    OMP_NUM_THREADS=1 python benchmarks/copy_robustness.py --only 16,1000,4096 4,100,1024 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from results import test_metrics, train  # noqa: E402
+
+from expire_span.analysis.spans import token_spans
+from expire_span.training import get_preset, load_checkpoint
+from expire_span.training.config import merge
+
+GRID = [(k, d, span) for span in (1024, 4096) for d in (100, 400, 1000) for k in (4, 8, 16)
+        if not (span == 1024 and d == 1000)]
+"""(K, D, L); D = 1000 needs L > 1.25 (K + D) / 0.9 + 53, so it runs at L = 4096 only."""
+PRESET = "copy-cpu"
+
+
+def run_name(symbols: int, gap: int, span: int) -> str:
+    return f"k{symbols}-d{gap}-l{span}"
+
+
+def selectivity(run_dir: Path, episodes: int = 3) -> list[dict[str, float]]:
+    """Per layer: the K symbols' spans (min, median) against their distance to the answer, and
+    the fillers' median span, read by the trained model on ``episodes`` test episodes that
+    follow a warm-up of ``eval_warmup`` tokens (the steady state evaluation scores)."""
+    loaded = load_checkpoint(run_dir)
+    task = loaded.run.build_task()
+    opts = task.options
+    length = task.episode_len
+    total = opts.eval_warmup + (episodes + 2) * length
+    tokens = task.batch("test", 0, range(1), total).tokens[0]
+    spans = token_spans(loaded.model, tokens)  # [layers, T]
+    start = opts.eval_warmup
+    # align to the first episode start after the warm-up: an episode starts after a GO run
+    go = (tokens == task.go).nonzero().flatten()
+    first = int(go[go >= start][0]) + opts.symbols + 1
+    symbols, fillers = [], []
+    for episode in range(episodes):
+        base = first + episode * length
+        symbols += list(range(base, base + opts.symbols))
+        fillers += list(range(base + opts.symbols, base + opts.symbols + opts.gap))
+    out = []
+    for layer in range(spans.shape[0]):
+        sym = spans[layer, symbols]
+        fil = spans[layer, fillers]
+        out.append({
+            "layer": layer,
+            "symbol_span_min": float(sym.min()),
+            "symbol_span_median": float(sym.median()),
+            "distance_to_answer": task.dependency_length,
+            "symbols_outlast_distance": bool(sym.min() >= task.dependency_length),
+            "filler_span_median": float(fil.median()),
+        })
+    return out
+
+
+def measure(symbols: int, gap: int, span: int, out: Path) -> dict[str, Any]:
+    config = merge(get_preset(PRESET).config, {
+        "task_options": {"symbols": symbols, "gap": gap}, "model": {"max_span": span}})
+    run_dir = out / run_name(symbols, gap, span)
+    summary = train(config, run_dir)
+    test = test_metrics(run_dir)
+    model = summary["config"]["model"]
+    return {
+        "symbols": symbols, "gap": gap, "max_span": span, "block_len": model["block_len"],
+        "accuracy": test["accuracy"], "avg_memory_size": test["memory_size"],
+        "memory_over_dependency": test["memory_size"] / (symbols + gap),
+        "steps": summary["steps"], "seconds": summary["train_seconds_this_session"],
+        "selectivity": selectivity(run_dir),
+        "settings": {name: model[name] for name in
+                     ("ramp", "alpha", "init_percentage", "pre_div", "span_loss", "noisy")}
+                    | {name: summary["config"]["train"][name] for name in
+                       ("aux_hold", "aux_hold_until", "aux_ramp", "lr", "batch_size", "seq_len")},
+        "run": str(run_dir),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", default=None, metavar="K,D,L",
+                        help="run these configurations only (default: the whole grid)")
+    parser.add_argument("--out", default="runs/copy-robustness")
+    parser.add_argument("--record", default=None,
+                        help="write every finished configuration under --out to this JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    grid = [tuple(int(v) for v in item.split(",")) for item in args.only] if args.only else GRID
+    out = Path(args.out)
+    for symbols, gap, span in grid:
+        record = measure(symbols, gap, span, out)
+        print(json.dumps({k: v for k, v in record.items() if k != "settings"}), flush=True)
+    if args.record:
+        done = [(k, d, s) for k, d, s in GRID
+                if (out / run_name(k, d, s) / "summary.json").exists()]
+        records = [measure(k, d, s, out) for k, d, s in done]
+        Path(args.record).write_text(json.dumps(records, indent=2) + "\n")
+        print(f"{len(records)} configurations written to {args.record}")
+
+
+if __name__ == "__main__":
+    main()
