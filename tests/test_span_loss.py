@@ -214,3 +214,27 @@ def test_cli_refuses_bad_span_settings_in_one_line(tmp_path, capsys, flags, mess
     assert code == 1
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_spans_do_not_collapse_on_a_copy_four_times_longer_than_copy_test(tmp_path):
+    """copy-test's model and budget on a gap of 160 (copy-test: 40), the span settings from the
+    span rule and the default hold: before the hold, spans shrank below the dependency before
+    the task was learned (issue 14); with it the copy is solved and the spans then shrink."""
+    from expire_span.training import evaluate_run, get_preset, load_checkpoint
+    from expire_span.training.config import merge
+    from expire_span.training.span_rule import DERIVED_FIELDS
+
+    config = merge(get_preset("copy-test").config, {
+        "task_options": {"gap": 160}, "model": {"max_span": 512},
+        "train": {"steps": 500, "eval_every": 500, "checkpoint_every": 500,
+                  "tensorboard": False}})
+    for name in DERIVED_FIELDS:
+        config["model"].pop(name, None)
+    run = RunConfig.from_dict(config)
+    start = run.resolved().model["init_percentage"] * 512
+    Trainer(run, tmp_path, progress=False).fit()
+    loaded = load_checkpoint(tmp_path)
+    test = evaluate_run(loaded.model, loaded.run, "test", 16, 5)
+    assert test["accuracy"] >= 0.9
+    assert test["memory_size"] < 0.8 * start  # the spans moved once the hold ended

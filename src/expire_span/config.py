@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-ATTENTION_BACKENDS = ("auto", "dense", "sdpa")
+ATTENTION_BACKENDS = ("auto", "dense", "sdpa", "flex")
+"""Names accepted by ``ModelConfig.attention``."""
 COMPRESSION_FUNCTIONS = ("conv", "max", "mean")
 SPAN_LOSSES = ("ramp", "l1")
 """Names accepted by ``ModelConfig.span_loss`` (Expire-Span's auxiliary loss)."""
@@ -39,7 +40,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     attention: str = "auto"
     """Attention kernel: ``dense`` (explicit softmax, the reference), ``sdpa`` (PyTorch's fused
-    scaled_dot_product_attention with the policy's bias as a float mask), ``auto`` (= sdpa)."""
+    scaled_dot_product_attention with the policy's bias as a float mask), ``auto`` (= sdpa),
+    ``flex`` (PyTorch FlexAttention from the policy's per-key mask description, no bias tensor,
+    tiles of expired and future keys skipped; for CUDA: on CPU forward only, no attention
+    dropout; policies that give no description use sdpa; see model/flex_attention.py)."""
 
     block_len: int = 64
     """M: tokens per block; memory is updated (and pruned) after every block."""

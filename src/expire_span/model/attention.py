@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from expire_span.config import ModelConfig
+from expire_span.model.flex_attention import FlexPlan, flex_attend
 from expire_span.model.ramp_attention import ramp_bias_attention
 
 
@@ -53,7 +54,7 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(config.d_model, config.d_model, bias=False)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_base)
         self.dropout = config.dropout
-        self.fused = config.attention in ("auto", "sdpa")
+        self.fused = config.attention in ("auto", "sdpa", "flex")  # flex falls back to sdpa
 
     def _split(self, x: Tensor) -> Tensor:
         """``[B, N, D]`` -> ``[B, N, H, d]``."""
@@ -74,8 +75,9 @@ class MultiHeadAttention(nn.Module):
         query_inputs: Tensor,
         query_steps: Tensor,
         key_values: Tensor,
-        bias: Tensor,
+        bias: Tensor | None,
         bias_grad_index: Tensor | None = None,
+        flex: FlexPlan | None = None,
     ) -> Tensor:
         """Attend.
 
@@ -86,6 +88,8 @@ class MultiHeadAttention(nn.Module):
             bias: ``[B, 1 or H, T, N]`` additive scores (``-inf`` hides a key).
             bias_grad_index: ``[B, C]`` int64, optional: the only keys whose bias entries have a
                 nonzero derivative downstream (see :class:`~expire_span.policies.MaskDecision`).
+            flex: the mask for FlexAttention (``model/flex_attention.py``), used instead of
+                ``bias`` (then ``None``).
 
         Returns:
             ``[B, T, D]``.
@@ -94,7 +98,9 @@ class MultiHeadAttention(nn.Module):
         keys, values = key_values.chunk(2, dim=-1)
         k, v = self._heads(keys), self._heads(values)
         dropout = self.dropout if self.training else 0.0
-        if (self.fused and bias_grad_index is not None and dropout == 0.0
+        if flex is not None:
+            out = flex_attend(q, k, v, flex, dropout)
+        elif (self.fused and bias_grad_index is not None and dropout == 0.0
                 and q.device.type == "cpu" and bias.requires_grad):
             # CPU SDPA would take its math path for a bias requiring grad: fused, columns only.
             out = ramp_bias_attention(q, k, v, bias.to(q.dtype), bias_grad_index)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from expire_span.config import ModelConfig
 from expire_span.memory import LayerMemory, Memory
 from expire_span.model.attention import MultiHeadAttention
+from expire_span.model.flex_attention import FlexPlan
 from expire_span.policies import BlockContext, build_policy
 
 
@@ -92,21 +93,27 @@ class TransformerLayer(nn.Module):
         # Packing once the dead slots reach width / (8 T) bounds both costs to about 1/8.
         slack = states.width // (8 * queries)
         context = BlockContext(
-            states, inputs, age, visible, int(steps[-1]) + 1, block_uniform, self.readout, slack
+            states, inputs, age, visible, int(steps[-1]) + 1, block_uniform, self.readout, slack,
+            flex=self.config.attention == "flex",
         )
         decision = self.policy.decide(context)
 
-        hidden_keys = ~visible.unsqueeze(1)
-        if decision.bias is None:
-            bias = torch.zeros_like(hidden_keys, dtype=inputs.dtype)
+        if decision.flex is not None:  # FlexAttention: the mask as per-key quantities, no bias
+            plan = FlexPlan.build(decision.flex, queries, states.width)
+            attended = self.attention(inputs[:, -queries:], steps, key_values, None, flex=plan)
+            memory_size = plan.memory_size
         else:
-            bias = decision.bias
-        bias = bias.masked_fill(hidden_keys, float("-inf"))
-        attended = self.attention(inputs[:, -queries:], steps, key_values, bias,
-                                  decision.bias_grad_index)
-        with torch.no_grad():  # earlier steps seen with non-zero weight (the query itself excluded)
-            rows = bias.numel() // bias.shape[-1]
-            memory_size = (bias > float("-inf")).sum() / rows - 1.0
+            hidden_keys = ~visible.unsqueeze(1)
+            if decision.bias is None:
+                bias = torch.zeros_like(hidden_keys, dtype=inputs.dtype)
+            else:
+                bias = decision.bias
+            bias = bias.masked_fill(hidden_keys, float("-inf"))
+            attended = self.attention(inputs[:, -queries:], steps, key_values, bias,
+                                      decision.bias_grad_index)
+            with torch.no_grad():  # earlier steps seen with nonzero weight (the query excluded)
+                rows = bias.numel() // bias.shape[-1]
+                memory_size = (bias > float("-inf")).sum() / rows - 1.0
 
         if self.config.pre_norm:
             hidden = hidden + self.dropout(attended)

@@ -31,6 +31,7 @@ from expire_span.policies.base import (
     log_mask_bias,
     ramp_mask,
 )
+from expire_span.policies.flex_mask import SpanMask, key_ages
 
 
 class AdaptiveSpanPolicy(MemoryPolicy):
@@ -58,6 +59,11 @@ class AdaptiveSpanPolicy(MemoryPolicy):
             keep = next_age.squeeze(1) <= cfg.max_span
             if cfg.prune_expired:
                 keep = (self.mask(next_age) > 0).any(dim=1).squeeze(1)
+        if context.flex:  # per-head spans and the window, as FlexAttention's mask
+            ages = key_ages(context.states.steps, context.states.valid,
+                            context.next_step - context.num_queries)
+            flex = SpanMask(ages, self.spans(), float(cfg.ramp), cfg.max_span)
+            return MaskDecision(bias=None, aux_loss=aux, keep=keep, flex=flex)
         return MaskDecision(bias=log_mask_bias(self.mask(context.age)), aux_loss=aux, keep=keep)
 
     def after_optimizer_step(self) -> None:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from expire_span.config import ModelConfig
 from expire_span.memory import LayerMemory
+from expire_span.policies.flex_mask import FlexMask
 
 Readout = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``readout(queries, keys, key_valid) -> [B, T, D]``: what the layer's attention reads from
@@ -63,6 +64,8 @@ class BlockContext:
             not train the attention (see :data:`Readout`); ``None`` outside a layer.
         compaction_slack: dead slots a memory may keep before it is packed (see
             :meth:`LayerMemory.select`); the layer sets it from the block length.
+        flex: the layer attends with FlexAttention (``attention="flex"``): the policy should
+            describe its mask in ``MaskDecision.flex`` and may leave ``bias`` as ``None``.
     """
 
     states: LayerMemory
@@ -73,6 +76,7 @@ class BlockContext:
     block_uniform: float = 0.5
     readout: Readout | None = None
     compaction_slack: int = 0
+    flex: bool = False
 
     @property
     def num_queries(self) -> int:
@@ -93,12 +97,16 @@ class MaskDecision:
             outside which the bias has a zero derivative in every row (the policy's promise), so
             that on CPU the layer can use fused attention and compute the bias gradient on these
             columns only; ``None``: unknown.
+        flex: the mask as per-key quantities (:mod:`expire_span.policies.flex_mask`), for
+            FlexAttention; when set (only asked for when ``BlockContext.flex``) the layer uses it
+            and ignores ``bias``. ``None``: the layer attends with ``bias`` (SDPA).
     """
 
     bias: Tensor | None
     aux_loss: Tensor
     keep: Tensor
     bias_grad_index: Tensor | None = None
+    flex: FlexMask | None = None
 
 
 class MemoryPolicy(nn.Module):

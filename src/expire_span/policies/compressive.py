@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from expire_span.config import ModelConfig
 from expire_span.memory import LayerMemory
 from expire_span.policies.base import BlockContext, MaskDecision, MemoryPolicy
+from expire_span.policies.flex_mask import FlexMask, MaskMod, key_ages
 
 
 @dataclass
@@ -111,6 +112,52 @@ class Compressor(nn.Module):
         batch, count, rate, width = groups.shape
         flat = groups.reshape(batch * count, rate, width).transpose(1, 2)  # [B G, D, c]
         return self.conv(flat).reshape(batch, count, width)
+
+
+@dataclass
+class CompressiveMask(FlexMask):
+    """:meth:`CompressivePolicy._visible` for FlexAttention: query ``q`` of the block sees raw
+    state ``kv`` if its group is not yet evicted (``group >= G(t)``), and compressed slot ``kv``
+    (the first ``num_compressed`` entries) if ``G(t) - n_cm <= group < G(t)``; never a future
+    key or padding. Visibility only, no weights.
+
+    Attributes:
+        key_age: ``[B, N]`` int32 (:func:`~expire_span.policies.flex_mask.key_ages`).
+        group: ``[B, N]`` int32, each entry's group in its stream.
+        evicted: ``[B, T]`` int32, ``G(t)`` of each query (nondecreasing in ``t``).
+        num_compressed: how many entries lead the context as compressed slots.
+        cmem_len: ``n_cm``.
+    """
+
+    key_age: Tensor
+    group: Tensor
+    evicted: Tensor
+    num_compressed: int
+    cmem_len: int
+
+    def mask_mod(self) -> MaskMod:
+        key_age, group, evicted = self.key_age, self.group, self.evicted
+        num_compressed, cmem_len = self.num_compressed, self.cmem_len
+
+        def mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            slot_group, gone = group[b, kv], evicted[b, q]
+            in_cmem = (slot_group < gone) & (slot_group >= gone - cmem_len)
+            seen = torch.where(kv < num_compressed, in_cmem, slot_group >= gone)
+            return seen & (key_age[b, kv] + q >= 0)
+
+        return mod
+
+    def query_ranges(self, num_queries: int) -> tuple[Tensor, Tensor, int]:
+        group = self.group.long()
+        evicted = self.evicted.long().contiguous()
+        # G(t) is nondecreasing: the queries with G <= g are a prefix of the block.
+        upto = torch.searchsorted(evicted, group, right=True)  # first q with G > g
+        compressed = torch.arange(group.shape[1], device=group.device) < self.num_compressed
+        upto_cmem = torch.searchsorted(evicted, group + self.cmem_len, right=True)
+        lo = torch.where(compressed, upto, 0).maximum((-self.key_age.long()).clamp(0))
+        hi = torch.where(compressed, upto_cmem, upto)
+        lo = lo.clamp(max=num_queries)
+        return lo.unsqueeze(1), hi.maximum(lo).unsqueeze(1), 0
 
 
 class CompressivePolicy(MemoryPolicy):
@@ -188,13 +235,20 @@ class CompressivePolicy(MemoryPolicy):
     def decide(self, context: BlockContext) -> MaskDecision:
         states = _states(context)
         queries = states.steps[:, -context.num_queries :]
-        unseen = ~self._visible(states, queries)
-        bias = context.inputs.new_zeros(unseen.shape).masked_fill(unseen, float("-inf"))
         next_step = torch.full_like(queries[:, :1], context.next_step)
         keep = self._visible(states, next_step).squeeze(1)
-        return MaskDecision(
-            bias=bias.unsqueeze(1), aux_loss=self.reconstruction_loss(context), keep=keep
-        )
+        aux = self.reconstruction_loss(context)
+        if context.flex:  # visibility as per-entry groups, for FlexAttention
+            flex = CompressiveMask(
+                key_ages(states.steps, states.valid, context.next_step - context.num_queries),
+                self.group_index(states.steps, states.origin).to(torch.int32),
+                self.evicted_groups(queries, states.origin).to(torch.int32),
+                states.num_compressed, self.cmem_len,
+            )
+            return MaskDecision(bias=None, aux_loss=aux, keep=keep, flex=flex)
+        unseen = ~self._visible(states, queries)
+        bias = context.inputs.new_zeros(unseen.shape).masked_fill(unseen, float("-inf"))
+        return MaskDecision(bias=bias.unsqueeze(1), aux_loss=aux, keep=keep)
 
     def reconstruction_loss(self, context: BlockContext) -> Tensor:
         """``compress_loss * sum_{b,t} ||attn(h, old) - attn(h, f(old))||^2 / (B T D)`` over

@@ -40,6 +40,7 @@ from expire_span.policies.base import (
     ramp_mask,
     selected_columns,
 )
+from expire_span.policies.flex_mask import SpanMask, key_ages
 
 
 def ramp_loss(mask: Tensor, valid: Tensor) -> Tensor:
@@ -83,22 +84,38 @@ class ExpireSpanPolicy(MemoryPolicy):
         if cfg.noisy and self.training:
             limit = context.block_uniform * cfg.max_span
             masked_spans = spans.clamp(max=limit)
-        bias, columns = self._constant_bias(masked_spans.detach(), context.age)
+        flex = None
+        if context.flex:  # FlexAttention computes the mask from the spans: no [B, T, N] bias
+            ages = key_ages(context.states.steps, context.states.valid,
+                            context.next_step - context.num_queries)
+            flex = SpanMask(ages, masked_spans, float(cfg.ramp))
+            bias, columns = None, self._ramp_keys(masked_spans.detach(), ages, context.num_queries)
+        else:
+            bias, columns = self._constant_bias(masked_spans.detach(), context.age)
         # Only entries on the ramp have a derivative; they lie in few key columns, so the mask
         # (and the loss) is differentiated on those columns only and scattered into the rest.
         index = selected_columns(columns)  # [B, C]
         by_entry = index.unsqueeze(1).expand(-1, context.num_queries, -1)  # [B, T, C]
         remaining = masked_spans.gather(1, index).unsqueeze(1) - context.age.gather(2, by_entry)
         mask = ramp_mask(remaining, cfg.ramp)
-        bias = bias.scatter(2, by_entry, log_mask_bias(mask))
+        if bias is not None:
+            bias = bias.scatter(2, by_entry, log_mask_bias(mask)).unsqueeze(1)
         valid = context.states.valid.gather(1, index).unsqueeze(1)
-        batch, queries = bias.shape[:2]
+        batch, queries = context.age.shape[:2]
         if cfg.span_loss == "l1":
             aux = cfg.alpha * new_span_sum(masked_spans, context) / (queries * batch)
         else:
             aux = cfg.alpha * ramp_loss(mask, valid) / (queries * batch)
-        return MaskDecision(bias=bias.unsqueeze(1), aux_loss=aux, keep=self._keep(context, spans),
-                            bias_grad_index=index)
+        return MaskDecision(bias=bias, aux_loss=aux, keep=self._keep(context, spans),
+                            bias_grad_index=index, flex=flex)
+
+    def _ramp_keys(self, spans: Tensor, ages: Tensor, queries: int) -> Tensor:
+        """``[B, N]``: the keys some query of the block may see on the ramp (``0 < m <= 1``),
+        from the spans and the ages at the first query alone (a superset, by one step each
+        side: the ramp loss and the mask's gradient are the same on any superset)."""
+        with torch.no_grad():
+            remaining = spans - ages.float()  # r at the first query; the last one sees r - T + 1
+            return (remaining - (queries - 1) <= 1.0) & (remaining > -self.config.ramp - 1.0)
 
     def _constant_bias(self, spans: Tensor, age: Tensor) -> tuple[Tensor, Tensor]:
         """``[B, T, N]`` bias, exact where the mask is 1 (0) or 0 (``-inf``), and the ``[B, N]``

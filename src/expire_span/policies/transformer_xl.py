@@ -8,6 +8,7 @@ next query can still see. Cost grows linearly with L whatever the data.
 from __future__ import annotations
 
 from expire_span.policies.base import BlockContext, MaskDecision, MemoryPolicy
+from expire_span.policies.flex_mask import SpanMask, key_ages
 
 
 class TransformerXLPolicy(MemoryPolicy):
@@ -15,9 +16,14 @@ class TransformerXLPolicy(MemoryPolicy):
 
     def decide(self, context: BlockContext) -> MaskDecision:
         span = self.config.max_span
+        next_age = context.next_step - context.states.steps
+        if context.flex:  # the window as FlexAttention's mask
+            ages = key_ages(context.states.steps, context.states.valid,
+                            context.next_step - context.num_queries)
+            return MaskDecision(bias=None, aux_loss=self.zero(context), keep=next_age <= span,
+                                flex=SpanMask(ages, window=span))
         outside = context.age > span
         bias = context.inputs.new_zeros(outside.shape).masked_fill(outside, float("-inf"))
-        next_age = context.next_step - context.states.steps
         return MaskDecision(
             bias=bias.unsqueeze(1),
             aux_loss=self.zero(context),
