@@ -39,9 +39,11 @@ def run_name(symbols: int, gap: int, span: int) -> str:
 
 
 def selectivity(run_dir: Path, episodes: int = 3) -> list[dict[str, float]]:
-    """Per layer: the K symbols' spans (min, median) against their distance to the answer, and
-    the fillers' median span, read by the trained model on ``episodes`` test episodes that
-    follow a warm-up of ``eval_warmup`` tokens (the steady state evaluation scores)."""
+    """Per layer: the K symbols' spans (min, median) against their distance to the answer (a
+    symbol is still attended at the answer when its span plus the ramp R exceeds it), and the
+    fillers' median span (against R + M), read by the trained model on ``episodes`` test
+    episodes that follow a warm-up of ``eval_warmup`` tokens (the steady state evaluation
+    scores)."""
     loaded = load_checkpoint(run_dir)
     task = loaded.run.build_task()
     opts = task.options
@@ -49,6 +51,7 @@ def selectivity(run_dir: Path, episodes: int = 3) -> list[dict[str, float]]:
     total = opts.eval_warmup + (episodes + 2) * length
     tokens = task.batch("test", 0, range(1), total).tokens[0]
     spans = token_spans(loaded.model, tokens)  # [layers, T]
+    ramp, block = loaded.model.config.ramp, loaded.model.config.block_len
     start = opts.eval_warmup
     # align to the first episode start after the warm-up: an episode starts after a GO run
     go = (tokens == task.go).nonzero().flatten()
@@ -67,8 +70,10 @@ def selectivity(run_dir: Path, episodes: int = 3) -> list[dict[str, float]]:
             "symbol_span_min": float(sym.min()),
             "symbol_span_median": float(sym.median()),
             "distance_to_answer": task.dependency_length,
-            "symbols_outlast_distance": bool(sym.min() >= task.dependency_length),
+            # a memory is still attended (m > 0) while its age is below e + R
+            "symbols_visible_at_answer": bool(sym.min() + ramp > task.dependency_length),
             "filler_span_median": float(fil.median()),
+            "filler_median_within_ramp_plus_block": bool(fil.median() <= ramp + block),
         })
     return out
 
@@ -94,16 +99,37 @@ def measure(symbols: int, gap: int, span: int, out: Path) -> dict[str, Any]:
     }
 
 
+def markdown(records: list[dict[str, Any]]) -> str:
+    """The table docs/results.md shows (every figure from ``records``)."""
+    lines = ["| K | D | L | test accuracy | avg memory size | memory / (K + D) | limit "
+             "| layer-0 symbol span min (+R) vs K + D | filler median span (layer 0 / 1) "
+             "| steps | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["gap"], r["symbols"], r["max_span"])):
+        limit = 0.5 if r["gap"] < 400 else 0.25
+        layers = r["selectivity"]
+        ramp = r["settings"]["ramp"]
+        fillers = " / ".join(f"{layer['filler_span_median']:.1f}" for layer in layers)
+        lines.append(
+            f"| {r['symbols']} | {r['gap']} | {r['max_span']} | {r['accuracy']:.3f} "
+            f"| {r['avg_memory_size']:.1f} | {r['memory_over_dependency']:.2f} | {limit} "
+            f"| {layers[0]['symbol_span_min']:.0f} (+{ramp}) vs {r['symbols'] + r['gap']} "
+            f"| {fillers} "
+            f"| {r['steps']} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=None, metavar="K,D,L",
-                        help="run these configurations only (default: the whole grid)")
+                        help="run these configurations only (default: the whole grid; "
+                        "--only with no value trains nothing and just gathers --record)")
     parser.add_argument("--out", default="runs/copy-robustness")
     parser.add_argument("--record", default=None,
                         help="write every finished configuration under --out to this JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    grid = [tuple(int(v) for v in item.split(",")) for item in args.only] if args.only else GRID
+    grid = GRID if args.only is None else [tuple(int(v) for v in item.split(","))
+                                           for item in args.only]
     out = Path(args.out)
     for symbols, gap, span in grid:
         record = measure(symbols, gap, span, out)
@@ -114,6 +140,7 @@ def main() -> None:
         records = [measure(k, d, s, out) for k, d, s in done]
         Path(args.record).write_text(json.dumps(records, indent=2) + "\n")
         print(f"{len(records)} configurations written to {args.record}")
+        print(markdown(records))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ TINY = {
               "compress_fn": "conv", "compress_rate": 2, "mem_len": 4},
     "train": {"steps": STEPS, "batch_size": 4, "seq_len": 8, "lr": 1e-2, "warmup": 2,
               "schedule": "cosine", "adam_eps": 1e-6, "eval_every": STEPS, "eval_batches": 1,
-              "log_every": 1, "checkpoint_every": 2},
+              "log_every": 1, "checkpoint_every": 2,
+              # no hold: its deadline is a fraction of train.steps, which a resume here extends
+              "aux_hold": 0.0},
 }
 
 # (run directory, memory policy, train overrides, resume)

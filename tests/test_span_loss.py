@@ -238,3 +238,33 @@ def test_spans_do_not_collapse_on_a_copy_four_times_longer_than_copy_test(tmp_pa
     test = evaluate_run(loaded.model, loaded.run, "test", 16, 5)
     assert test["accuracy"] >= 0.9
     assert test["memory_size"] < 0.8 * start  # the spans moved once the hold ended
+
+
+# ----------------------------------------------------------------------------- span rule
+
+
+def copy_run(**model):
+    from expire_span.training import get_preset
+    from expire_span.training.config import merge
+
+    return RunConfig.from_dict(merge(get_preset("copy-cpu").config, {"model": model})).resolved()
+
+
+def test_span_rule_values_for_copy_cpu_by_hand():
+    # K + D = 208, M = 32: R = 16, start = 1.25 * 208 + 16 + 32 = 308 of L = 512; c = sqrt(64)
+    model = copy_run().model
+    assert model["ramp"] == 16 and model["alpha"] == 1e-4 and model["pre_div"] == 8.0
+    assert model["init_percentage"] == pytest.approx(308 / 512)
+    assert model["adapt_span_init"] == model["init_percentage"]
+
+
+def test_span_rule_yields_to_given_values_and_starts_adaptive_span_alike():
+    model = copy_run(init_percentage=0.7, ramp=4).model
+    assert model["init_percentage"] == 0.7 and model["adapt_span_init"] == 0.7
+    assert model["ramp"] == 4 and model["pre_div"] == 8.0
+
+
+def test_span_rule_accepts_a_transformer_xl_window_below_its_starting_span():
+    assert copy_run(memory="transformer-xl", max_span=216).model["max_span"] == 216
+    with pytest.raises(ValueError, match="too short for a dependency of 208"):
+        copy_run(memory="adaptive-span", max_span=216)

@@ -21,7 +21,7 @@ from expire_span.config import ModelConfig
 from expire_span.model import MemoryAgent, MemoryTransformer, agent_vocab_size
 from expire_span.tasks import RLTask, SequenceTask, build_task, is_rl_task, task_class
 from expire_span.tasks.base import TextCodec
-from expire_span.training.span_rule import DERIVED_FIELDS, span_settings
+from expire_span.training.span_rule import DERIVED_FIELDS, SPAN_POLICIES, span_settings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -236,6 +236,9 @@ class RunConfig:
             model = {"adapt_span_init": self.model["init_percentage"], **self.model}
         else:
             model = dict(self.model)
+        if get("memory") not in SPAN_POLICIES:
+            missing = [name for name in missing if name not in ("init_percentage",
+                                                                 "adapt_span_init")]
         derived = span_settings(get("max_span"), get("block_len"), dependency, get("d_model"),
                                 tuple(missing))
         model = {**derived, **model}

@@ -21,6 +21,11 @@ LONGEST_START = 0.9
 ALPHA = 1e-4
 """The auxiliary loss coefficient (both loss forms; see ``ModelConfig.span_loss``)."""
 
+SPAN_POLICIES = ("expire-span", "adaptive-span")
+"""The policies whose spans start from ``init_percentage`` / ``adapt_span_init``: only for them is
+a starting span derived (and a too short L refused); a Transformer-XL window below the rule's
+starting span is a valid run."""
+
 DERIVED_FIELDS = ("ramp", "init_percentage", "alpha", "pre_div", "adapt_span_init")
 """The ``ModelConfig`` fields :func:`span_settings` sets. ``adapt_span_init`` is always the
 starting fraction Expire-Span uses (given or derived): both start at the same span."""
