@@ -27,7 +27,9 @@ TINY = {
     "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "block_len": 4, "max_span": 16,
               "ramp": 2, "alpha": 1e-3, "init_percentage": 0.8},
     "train": {"steps": 6, "batch_size": 3, "seq_len": 8, "lr": 1e-2, "warmup": 2,
-              "eval_every": 3, "eval_batches": 2, "log_every": 2, "checkpoint_every": 2},
+              "eval_every": 3, "eval_batches": 2, "log_every": 2, "checkpoint_every": 2,
+              # no hold: its deadline is a fraction of train.steps, which resumes here extend
+              "aux_hold": 0.0},
 }
 
 
