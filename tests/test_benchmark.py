@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from expire_span import MemoryTransformer, ModelConfig
+from expire_span.benchmarking import BenchConfig, Case, batch_ms, measure, set_retention
 from expire_span.cli import main
-from expire_span.training.benchmark import BenchConfig, Case, batch_ms, measure, set_retention
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.5])
