@@ -140,8 +140,8 @@ def test_two_processes_match_one_process_on_the_global_batch(two_processes, tmp_
     runs = two_processes / "runs"
     assert_close(final_params(runs / memory), final_params(tmp_path), ATOL)
     # the checkpoint's memory is the global batch's: both processes' rows, in order
-    ours = load_checkpoint(runs / memory).memory_tensors
-    theirs = load_checkpoint(tmp_path).memory_tensors
+    ours = load_checkpoint(runs / memory, training_state=True).memory_tensors
+    theirs = load_checkpoint(tmp_path, training_state=True).memory_tensors
     assert ours.keys() == theirs.keys()
     for key in ours:
         if ours[key].is_floating_point():
