@@ -20,6 +20,7 @@ from expire_span.training import (
     TrainingInterrupted,
     load_checkpoint,
 )
+from expire_span.training.checkpoint import sha256
 
 TINY = {
     "task": "copy",
@@ -63,7 +64,8 @@ def test_training_writes_metrics_checkpoints_and_summary(tmp_path):
     latest = (tmp_path / "checkpoints" / "latest").read_text()
     assert latest == "step-00000006"
     files = {p.name for p in (tmp_path / "checkpoints" / latest).iterdir()}
-    assert files == {"model.safetensors", "config.json", "trainer.pt", "memory.safetensors"}
+    assert files == {"model.safetensors", "config.json", "trainer.pt", "memory.safetensors",
+                     "checksums.json"}
     # keep_checkpoints=2: older ones are removed
     assert len(list((tmp_path / "checkpoints").glob("step-*"))) == 2
     recorded = json.loads((tmp_path / "config.json").read_text())
@@ -162,7 +164,7 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_usable(tmp_path
         (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 10), "corrupt"),
         (lambda d: (d / "model.safetensors").unlink(), "missing"),
         (lambda d: (d / "config.json").write_text("{not json"), "config.json is corrupt"),
-        (lambda d: (d / "config.json").write_text('{"run": {}}'), "unreadable"),
+        (lambda d: rewrite_checksummed(d, "config.json", '{"run": {}}'), "unreadable"),
         (lambda d: (d / "trainer.pt").write_bytes(b"xx"), "corrupt"),
         (lambda d: flip_byte(d / "model.safetensors"), "model.safetensors is corrupt"),
         (lambda d: flip_byte(d / "memory.safetensors"), "memory.safetensors is corrupt"),
@@ -174,6 +176,14 @@ def test_damaged_checkpoints_give_clear_errors(tmp_path, damage, message):
     damage(tmp_path / "checkpoints" / "step-00000002")
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(tmp_path, training_state=True)
+
+
+def rewrite_checksummed(directory: Path, name: str, text: str) -> None:
+    """Replace a checkpoint file and its recorded checksum (a file that is intact but wrong)."""
+    (directory / name).write_text(text)
+    manifest = json.loads((directory / "checksums.json").read_text())
+    manifest["sha256"][name] = sha256(directory / name)
+    (directory / "checksums.json").write_text(json.dumps(manifest))
 
 
 def flip_byte(path: Path) -> None:
