@@ -2,7 +2,7 @@
 
 Both models have the same architecture and maximum span L; Expire-Span is set to controlled
 retention r (a random r-fraction of the vocabulary lives L steps, the rest expires at once, see
-``expire_span.training.benchmark.set_retention``). Each generates ``--tokens`` tokens one at a
+``expire_span.benchmarking.set_retention``). Each generates ``--tokens`` tokens one at a
 time after a short prompt; every ``--window`` tokens the script records the mean time per token,
 the process's resident memory and the number of cached memories. Time is reported both as wall
 time and as the process's CPU time (``time.process_time``; with ``OMP_NUM_THREADS=1`` the compute
@@ -27,8 +27,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from expire_span import MemoryTransformer, ModelConfig  # noqa: E402
+from expire_span.benchmarking import rss_mb, set_retention  # noqa: E402
 from expire_span.model import generate_stream  # noqa: E402
-from expire_span.training.benchmark import rss_mb, set_retention  # noqa: E402
 
 
 def series(model: MemoryTransformer, tokens: int, window: int, seed: int) -> dict[str, list]:

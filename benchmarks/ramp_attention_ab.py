@@ -19,8 +19,8 @@ import types
 from collections.abc import Callable
 from unittest import mock
 
+from expire_span.benchmarking import BenchConfig, Case, measure
 from expire_span.policies.expire_span import ExpireSpanPolicy
-from expire_span.training.benchmark import BenchConfig, Case, measure
 
 
 def old_decide(revision: str) -> Callable:

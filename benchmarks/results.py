@@ -33,19 +33,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from expire_span.benchmarking import (  # noqa: E402
+    BenchConfig,
+    Case,
+    batch_ms,
+    measure_isolated,
+    rss_mb,
+)
 from expire_span.tasks import is_rl_task  # noqa: E402
 from expire_span.training import (  # noqa: E402
     RunConfig,
     evaluate_run,
     get_preset,
     load_checkpoint,
-)
-from expire_span.training.benchmark import (  # noqa: E402
-    BenchConfig,
-    Case,
-    batch_ms,
-    measure_isolated,
-    rss_mb,
 )
 from expire_span.training.config import merge  # noqa: E402
 from expire_span.training.dispatch import trainer_class  # noqa: E402

@@ -9,7 +9,8 @@ import expire_span.model.attention as attention_module
 from expire_span import available_policies
 from expire_span.model.attention import dense_attention
 from expire_span.model.ramp_attention import ramp_bias_attention
-from expire_span.policies.base import selected_columns
+from expire_span.policies.adaptive_span import AdaptiveSpanPolicy
+from expire_span.policies.base import log_mask_bias, selected_columns
 from tests.helpers import tiny_model
 
 
@@ -129,3 +130,51 @@ def test_ramp_bias_attention_gradients(bias_heads):
     selected = columns[:, None, None, :].expand_as(bias)
     torch.testing.assert_close(out_grads[3][selected], expected_grads[3][selected],
                                atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------ Adaptive-Span: bias gradient on ramp columns
+
+
+def naive_adaptive_span_bias(policy, age):
+    """The reference: ``log m`` over every entry, differentiated everywhere, no columns named."""
+    return log_mask_bias(policy.mask(age)), None
+
+
+@pytest.mark.parametrize("chunks", [[8, 8, 8, 8, 8], [5, 13, 3, 11]], ids=["blocks", "uneven"])
+def test_adaptive_span_ramp_path_matches_dense(monkeypatch, chunks):
+    """Adaptive-Span's per-head bias takes the fused ramp-column path in every layer and block,
+    with the logits and every gradient (the spans' through the mask) of dense attention over
+    the naive mask."""
+    calls = []
+    fused = attention_module.ramp_bias_attention
+    monkeypatch.setattr(attention_module, "ramp_bias_attention",
+                        lambda *args: calls.append(args[3].shape[1]) or fused(*args))
+    tokens = torch.randint(0, 13, (3, sum(chunks)), generator=torch.Generator().manual_seed(4))
+    results = {}
+    for backend in ("dense", "auto"):
+        with monkeypatch.context() as patch:
+            if backend == "dense":
+                patch.setattr(AdaptiveSpanPolicy, "_bias", naive_adaptive_span_bias)
+            # no L1 loss: the spans' gradients come through the mask alone
+            model = tiny_model("adaptive-span", seed=3, attention=backend,
+                               adapt_span_loss=0.0).train()
+            with torch.no_grad():  # one head whose ramp crosses the window's end L
+                for layer in model.layers:
+                    layer.policy.span_fraction[0] = 0.95
+            logits, memory, start = [], None, 0
+            for size in chunks:
+                out = model(tokens[:, start:start + size], memory)
+                (out.logits.square().mean() + out.aux_loss).backward()
+                logits.append(out.logits.detach())
+                memory, start = out.memory, start + size
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[backend] = torch.cat(logits, dim=1), grads
+        if backend == "dense":
+            assert not calls
+    assert calls == [4] * (2 * sum(-(-size // 8) for size in chunks))  # per-head bias, every call
+    (dense_logits, dense_grads), (logits, grads) = results["dense"], results["auto"]
+    torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=1e-4)
+    assert grads.keys() == dense_grads.keys()
+    assert all(dense_grads[f"layers.{i}.policy.span_fraction"].abs().min() > 0 for i in (0, 1))
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)

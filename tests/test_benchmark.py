@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from expire_span import MemoryTransformer, ModelConfig
+from expire_span.benchmarking import (
+    BenchConfig,
+    Case,
+    batch_ms,
+    case_model,
+    measure,
+    primed_memory,
+    set_retention,
+)
 from expire_span.cli import main
-from expire_span.training.benchmark import BenchConfig, Case, batch_ms, measure, set_retention
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.5])
@@ -57,3 +65,36 @@ def test_bench_command_writes_json_and_plot(tmp_path, capsys):
     assert all("ms_per_batch" in r for r in records), records
     assert (out / "bench.png").stat().st_size > 0
     assert "time vs XL" in capsys.readouterr().out
+
+
+STEADY_CASES = [
+    Case("transformer-xl", "transformer-xl", 64),
+    Case("adaptive-span", "adaptive-span", 64),
+    Case("compressive", "compressive", 64),
+    Case("expire-span r=1", "expire-span", 64, retention=1.0),
+    Case("expire-span r=0", "expire-span", 64, retention=0.0),
+]
+
+
+@pytest.mark.parametrize("case", STEADY_CASES, ids=[case.label for case in STEADY_CASES])
+def test_priming_gives_every_policy_the_memory_of_a_model_that_read_the_whole_past(case):
+    """The memory a case is timed from keeps the steps (and, for Compressive, the compressed
+    slots) that reading the past block by block from an empty memory keeps."""
+    bench = BenchConfig(d_model=16, n_layers=2, n_heads=2, block_len=8, batch_size=2,
+                        vocab_size=50, ramp=4, device="cpu")
+    model = case_model(bench, case).eval()
+    primed = primed_memory(model, bench.batch_size, torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, bench.vocab_size, (bench.batch_size, primed.next_step),
+                           generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        streamed = model(tokens).memory
+    assert primed.next_step == streamed.next_step
+
+    def kept_steps(layer):
+        return [row[valid].tolist() for row, valid in zip(layer.steps, layer.valid, strict=True)]
+
+    for ours, reference in zip(primed.layers, streamed.layers, strict=True):
+        assert kept_steps(ours) == kept_steps(reference)
+        if case.memory == "compressive":
+            assert kept_steps(ours.compressed) == kept_steps(reference.compressed)
+            assert ours.compressed.counts().min() == model.layers[0].policy.cmem_len

@@ -59,7 +59,8 @@ def test_training_writes_metrics_checkpoints_and_a_summary(tmp_path):
         assert {"success_rate", "mean_return", "episodes", "policy_loss", "value_loss", "entropy",
                 "aux_loss", "memory_size", "cache_size", "lr", "env_steps_per_s"} <= set(record)
     files = {p.name for p in (tmp_path / "checkpoints" / "step-00000004").iterdir()}
-    assert files == {"model.safetensors", "config.json", "trainer.pt", "memory.safetensors"}
+    assert files == {"model.safetensors", "config.json", "trainer.pt", "memory.safetensors",
+                     "checksums.json"}
     recorded = json.loads((tmp_path / "config.json").read_text())
     assert recorded["rl"]["gamma"] == 0.99 and recorded["rl"]["epochs"] == 2
 

@@ -20,6 +20,7 @@ from expire_span.training import (
     TrainingInterrupted,
     load_checkpoint,
 )
+from expire_span.training.checkpoint import sha256
 
 TINY = {
     "task": "copy",
@@ -65,7 +66,8 @@ def test_training_writes_metrics_checkpoints_and_summary(tmp_path):
     latest = (tmp_path / "checkpoints" / "latest").read_text()
     assert latest == "step-00000006"
     files = {p.name for p in (tmp_path / "checkpoints" / latest).iterdir()}
-    assert files == {"model.safetensors", "config.json", "trainer.pt", "memory.safetensors"}
+    assert files == {"model.safetensors", "config.json", "trainer.pt", "memory.safetensors",
+                     "checksums.json"}
     # keep_checkpoints=2: older ones are removed
     assert len(list((tmp_path / "checkpoints").glob("step-*"))) == 2
     recorded = json.loads((tmp_path / "config.json").read_text())
@@ -164,15 +166,60 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_usable(tmp_path
         (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 10), "corrupt"),
         (lambda d: (d / "model.safetensors").unlink(), "missing"),
         (lambda d: (d / "config.json").write_text("{not json"), "config.json is corrupt"),
-        (lambda d: (d / "config.json").write_text('{"run": {}}'), "unreadable"),
+        (lambda d: rewrite_checksummed(d, "config.json", '{"run": {}}'), "unreadable"),
         (lambda d: (d / "trainer.pt").write_bytes(b"xx"), "corrupt"),
+        (lambda d: flip_byte(d / "model.safetensors"), "model.safetensors is corrupt"),
+        (lambda d: flip_byte(d / "memory.safetensors"), "memory.safetensors is corrupt"),
+        (lambda d: (d / "checksums.json").unlink(), "checksums.json is missing"),
     ],
 )
 def test_damaged_checkpoints_give_clear_errors(tmp_path, damage, message):
     Trainer(tiny_run(steps=2), tmp_path, progress=False).fit()
     damage(tmp_path / "checkpoints" / "step-00000002")
     with pytest.raises(CheckpointError, match=message):
-        load_checkpoint(tmp_path)
+        load_checkpoint(tmp_path, training_state=True)
+
+
+def rewrite_checksummed(directory: Path, name: str, text: str) -> None:
+    """Replace a checkpoint file and its recorded checksum (a file that is intact but wrong)."""
+    (directory / name).write_text(text)
+    manifest = json.loads((directory / "checksums.json").read_text())
+    manifest["sha256"][name] = sha256(directory / name)
+    (directory / "checksums.json").write_text(json.dumps(manifest))
+
+
+def flip_byte(path: Path) -> None:
+    """Overwrite one byte in the second half of a file: inside the tensor data of a
+    safetensors file, which its format does not check."""
+    data = bytearray(path.read_bytes())
+    data[len(data) * 3 // 4] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_tensor_data_is_detected_and_eval_falls_back_to_an_intact_checkpoint(
+        tmp_path, capsys):
+    Trainer(tiny_run(steps=4), tmp_path, progress=False).fit()
+    latest = tmp_path / "checkpoints" / "step-00000004"
+    flip_byte(latest / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt"):
+        load_checkpoint(latest)
+    assert main(["eval", "--checkpoint", str(tmp_path), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["step"] == 2
+    assert captured.err.count("\n") == 1 and "skipped an unreadable checkpoint" in captured.err
+    messages = []
+    resumed = Trainer(None, tmp_path, resume=True, progress=False, echo=messages.append)
+    assert resumed.start_step == 2 and any("corrupt" in m for m in messages)
+
+
+def test_eval_does_not_need_the_memory_or_the_trainer_state(tmp_path, capsys):
+    Trainer(tiny_run(steps=4), tmp_path, progress=False).fit()
+    latest = tmp_path / "checkpoints" / "step-00000004"
+    flip_byte(latest / "memory.safetensors")
+    (latest / "trainer.pt").write_bytes(b"xx")
+    assert main(["eval", "--checkpoint", str(tmp_path), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["step"] == 4 and captured.err == ""
 
 
 def test_missing_checkpoints_give_clear_errors(tmp_path):

@@ -7,6 +7,7 @@ can read the configuration without creating an import cycle.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,10 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"ModelConfig.{item.name} must be a finite number, got {value!r}")
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "block_len", "max_span")
         for name in positive:
             value = getattr(self, name)

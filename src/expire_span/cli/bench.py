@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from expire_span.cli.flags import add_dataclass_flags, given_sections
-from expire_span.training.benchmark import (
+from expire_span.benchmarking import (
     BenchConfig,
     markdown_table,
     ratio_lines,
     run_benchmark,
     save,
 )
+from expire_span.cli.flags import add_dataclass_flags, given_sections
 
 
 def build_parser() -> argparse.ArgumentParser:

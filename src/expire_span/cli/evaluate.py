@@ -8,6 +8,7 @@ from pathlib import Path
 
 from expire_span.tasks import SPLITS
 from expire_span.training import evaluate_run, load_checkpoint
+from expire_span.training.checkpoint import json_safe
 from expire_span.training.loop import resolve_device
 
 
@@ -41,7 +42,7 @@ def run(argv: list[str]) -> int:
     result = {"checkpoint": str(loaded.path), "step": loaded.step, "split": args.split,
               "task": loaded.run.task, "model": loaded.model.config.memory,
               "max_span": loaded.model.config.max_span, "metrics": metrics}
-    text = json.dumps(result, indent=2)
+    text = json.dumps(json_safe(result), indent=2, allow_nan=False)
     print(text)
     if args.output:
         Path(args.output).write_text(text + "\n")

@@ -11,6 +11,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -19,6 +20,13 @@ from typing import Any
 
 
 @cache
+def plain_help(text: str) -> str:
+    """A docstring as argparse help: reStructuredText roles and literals as plain text
+    (``:func:`x``` and double backticks -> x), ``%`` escaped for argparse's formatting."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    return text.replace("``", "").replace("%", "%%")
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The docstrings written under each field of a dataclass and of its dataclass bases (read
     from their source)."""
@@ -88,7 +96,7 @@ def add_dataclass_flags(
         if default is dataclasses.MISSING:
             factory = field.default_factory
             default = None if factory is dataclasses.MISSING else factory()
-        help_text = f"{docs.get(field.name, '')} (default: {default})".strip()
+        help_text = plain_help(f"{docs.get(field.name, '')} (default: {default})".strip())
         kind = _parser_for(hints[field.name])
         if kind is None:
             parser.add_argument(*names, dest=f"{section}.{field.name}",

@@ -89,7 +89,7 @@ def _task_for_parser(argv: list[str]) -> str:
 def _saved_task(out: str) -> str:
     from expire_span.training.checkpoint import load_latest_valid
 
-    return load_latest_valid(out)[0].run.task
+    return load_latest_valid(out, training_state=False)[0].run.task
 
 
 def run(argv: list[str]) -> int:

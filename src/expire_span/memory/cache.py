@@ -38,9 +38,9 @@ class LayerMemory:
     steps: Tensor
     valid: Tensor
     kv: Tensor | None = field(default=None, kw_only=True, repr=False, metadata={"cache": True})
-    """Inference cache: ``[B, N, 2 D]`` key/value projections of the states (before rotary
-    positions), or None. The layer sets and reads it only in eval mode without gradients, and
-    only for the parameters ``kv_version`` names; it is never saved."""
+    """Inference cache: ``[B, N, 2 D]`` key/value projections of the states (keys already
+    rotated at their absolute steps), or None. The layer sets and reads it only in eval mode
+    without gradients, and only for the parameters ``kv_version`` names; it is never saved."""
     kv_version: tuple[int, ...] = field(default=(), kw_only=True, repr=False)
 
     @classmethod

@@ -244,23 +244,6 @@ class MemoryTransformer(nn.Module):
             memory_size=memory_size,
         )
 
-    def generate(
-        self,
-        prompt: Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        memory: Memory | None = None,
-    ) -> Tensor:
-        """Sample ``max_new_tokens`` after ``prompt``: see :func:`expire_span.model.generation.
-        generate` (the prompt is read in blocks, then one token per call, memory pruned as it
-        expires)."""
-        from expire_span.model.generation import generate  # generation builds on this module
-
-        return generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, memory)
-
     def after_optimizer_step(self) -> None:
         """Let policies project their parameters back into range (trainers call this)."""
         for layer in self.layers:

@@ -13,9 +13,12 @@ Per layer and head h, one learned span ``z_h = L * f_h`` with ``f_h`` a paramete
   learned spans. Masks only fall with distance, so trimming changes no output (in eval mode);
   with ``prune_expired=False`` the last L states are kept instead.
 
-The span gets gradients from the task loss through keys on the ramp (``0 < m < 1``) and from the
-L1 loss; a key far beyond the span gets none, so spans must start long enough to reach a
-dependency the model should learn (``adapt_span_init``).
+The bias is differentiated only on the key columns where some head's mask is on its ramp (it is a
+constant 0 or ``-inf`` elsewhere), and names them (``MaskDecision.bias_grad_index``), so that on
+CPU the layer uses the fused ramp-column attention (``model/ramp_attention.py``) as for
+Expire-Span. The span gets gradients from the task loss through keys on the ramp (``0 < m < 1``)
+and from the L1 loss; a key far beyond the span gets none, so spans must start long enough to
+reach a dependency the model should learn (``adapt_span_init``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from expire_span.policies.base import (
     MemoryPolicy,
     log_mask_bias,
     ramp_mask,
+    scatter_columns,
+    selected_columns,
 )
 from expire_span.policies.flex_mask import SpanMask, key_ages
 
@@ -64,7 +69,24 @@ class AdaptiveSpanPolicy(MemoryPolicy):
                             context.next_step - context.num_queries)
             flex = SpanMask(ages, self.spans(), float(cfg.ramp), cfg.max_span)
             return MaskDecision(bias=None, aux_loss=aux, keep=keep, flex=flex)
-        return MaskDecision(bias=log_mask_bias(self.mask(context.age)), aux_loss=aux, keep=keep)
+        bias, index = self._bias(context.age)
+        return MaskDecision(bias=bias, aux_loss=aux, keep=keep, bias_grad_index=index)
+
+    def _bias(self, age: Tensor) -> tuple[Tensor, Tensor]:
+        """``[B, H, T, N]`` bias ``log m`` and the ``[B, C]`` key columns outside which it has a
+        zero derivative. ``m`` has one only on its ramp (``0 < 1 + (z - d) / R <= 1``, the clamp
+        passing the gradient at 1, and ``d <= L``), a few distances per head; elsewhere the bias
+        is the constant 0 or ``-inf``. So ``m`` is differentiated on those columns only."""
+        with torch.no_grad():
+            distance = age.unsqueeze(-3).to(self.span_fraction.dtype)
+            unclamped = 1.0 + (self.spans().view(-1, 1, 1) - distance) / self.config.ramp
+            hidden = (unclamped <= 0) | (distance > self.config.max_span)
+            columns = (~hidden & (unclamped <= 1)).any(dim=1).any(dim=1)  # [B, N]
+            bias = torch.zeros_like(unclamped).masked_fill_(hidden, float("-inf"))
+        index = selected_columns(columns)  # [B, C]
+        ramp_age = age.gather(2, index.unsqueeze(1).expand(-1, age.shape[1], -1))  # [B, T, C]
+        ramp = log_mask_bias(self.mask(ramp_age))
+        return scatter_columns(bias, index, ramp), index
 
     def after_optimizer_step(self) -> None:
         """Keep every span in ``[0, L]``."""

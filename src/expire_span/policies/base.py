@@ -48,6 +48,14 @@ def selected_columns(columns: Tensor) -> Tensor:
     return index[:, :width]
 
 
+def scatter_columns(bias: Tensor, index: Tensor, values: Tensor) -> Tensor:
+    """``bias`` (``[B, ..., T, N]``) with the key columns ``index`` (``[B, C]``, from
+    :func:`selected_columns`) replaced by ``values`` (``[B, ..., T, C]``): a constant bias with
+    its differentiable columns put in."""
+    shape = (index.shape[0],) + (1,) * (bias.dim() - 2) + (index.shape[1],)
+    return bias.scatter(-1, index.view(shape).expand(values.shape), values)
+
+
 @dataclass
 class BlockContext:
     """What a layer attends to while processing one block.

@@ -7,18 +7,26 @@ Layout of a run directory::
     OUT/summary.json                 written at the end of a run
     OUT/checkpoints/latest           name of the newest complete checkpoint
     OUT/checkpoints/step-000200/     model.safetensors, config.json, memory.safetensors,
-                                     trainer.pt (optimizer, scheduler, step, random states)
+                                     trainer.pt (optimizer, scheduler, step, random states),
+                                     checksums.json (the SHA-256 of each of the others)
 
 A checkpoint is written into a temporary directory that is renamed into place, and ``latest`` is
 replaced atomically afterwards, so an interruption at any moment leaves the previous checkpoint
-intact and ``latest`` pointing at a complete one.
+intact and ``latest`` pointing at a complete one. ``checksums.json`` is written last; loading
+verifies every file it reads against it, so damage anywhere in a file (also inside tensor data,
+which the formats do not check) is a :class:`CheckpointError`, and a caller given a run directory
+falls back to the newest intact checkpoint. A model is loaded without reading the trainer state
+or the memory (``training_state=False``: evaluation, generation), so damage there cannot stop it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +48,7 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 MEMORY_FILE = "memory.safetensors"
 TRAINER_FILE = "trainer.pt"
+CHECKSUMS_FILE = "checksums.json"
 
 
 class CheckpointError(RuntimeError):
@@ -53,14 +62,28 @@ class LoadedCheckpoint:
     model: Network
     trainer_state: dict[str, Any] | None
     memory_tensors: dict[str, torch.Tensor] | None
+    saved_step: int = 0
 
     @property
     def step(self) -> int:
-        return int(self.trainer_state["step"]) if self.trainer_state else 0
+        return int(self.trainer_state["step"]) if self.trainer_state else self.saved_step
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None`` (JSON has no NaN: a
+    window without scored positions has no loss, written ``null``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
-    _write_atomic(path, json.dumps(value, indent=2, sort_keys=True).encode() + b"\n")
+    text = json.dumps(json_safe(value), indent=2, sort_keys=True, allow_nan=False)
+    _write_atomic(path, text.encode() + b"\n")
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -102,6 +125,9 @@ def save_checkpoint(
         for item in tmp.iterdir():
             with open(item, "rb") as handle:
                 os.fsync(handle.fileno())
+        checksums = {item.name: sha256(item) for item in sorted(tmp.iterdir())}
+        _write_atomic(tmp / CHECKSUMS_FILE, json.dumps(
+            {"sha256": checksums}, indent=2, sort_keys=True).encode() + b"\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -136,21 +162,68 @@ def checkpoint_candidates(path: str | Path) -> list[Path]:
     return steps
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Load one checkpoint directory (see :func:`checkpoint_candidates` for ``path``)."""
-    directory = checkpoint_candidates(path)[0]
-    return _load_directory(directory, device)
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-def load_latest_valid(path: str | Path, device: str | torch.device = "cpu"):
+def warn_skipped(message: str) -> None:
+    print(f"warning: skipped an unreadable checkpoint: {message}", file=sys.stderr)
+
+
+def load_checkpoint(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    training_state: bool = False,
+    on_skip: Callable[[str], None] | None = warn_skipped,
+) -> LoadedCheckpoint:
+    """Load a checkpoint's model (see :func:`checkpoint_candidates` for ``path``): the newest
+    intact checkpoint when ``path`` is a run directory, calling ``on_skip`` with the error of
+    each newer damaged one; exactly ``path`` when it is a checkpoint directory.
+    ``training_state`` also reads (and verifies) the trainer state and the memory."""
+    loaded, skipped = load_latest_valid(path, device, training_state)
+    for message in skipped:
+        if on_skip is not None:
+            on_skip(message)
+    return loaded
+
+
+def load_latest_valid(path: str | Path, device: str | torch.device = "cpu",
+                      training_state: bool = True):
     """The newest loadable checkpoint, and the errors of newer ones that could not be loaded."""
     errors: list[str] = []
     for directory in checkpoint_candidates(path):
         try:
-            return _load_directory(directory, device), errors
+            return _load_directory(directory, device, training_state), errors
         except CheckpointError as error:
             errors.append(str(error))
+    if len(errors) == 1:
+        raise CheckpointError(errors[0])
     raise CheckpointError("no loadable checkpoint: " + "; ".join(errors))
+
+
+def _checksums(directory: Path) -> dict[str, str]:
+    if not (directory / CHECKSUMS_FILE).is_file():
+        raise CheckpointError(f"checkpoint {directory} is incomplete: {CHECKSUMS_FILE} is "
+                              "missing")
+    manifest = _read(directory, CHECKSUMS_FILE, lambda path: json.loads(path.read_text()))
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), dict):
+        raise CheckpointError(f"checkpoint {directory}: {CHECKSUMS_FILE} is corrupt")
+    return manifest["sha256"]
+
+
+def _verify(directory: Path, name: str, checksums: dict[str, str]) -> None:
+    """Raise unless ``name`` exists and has the checksum the checkpoint recorded for it."""
+    if not (directory / name).is_file():
+        raise CheckpointError(f"checkpoint {directory} is incomplete: {name} is missing")
+    if name not in checksums:
+        raise CheckpointError(f"checkpoint {directory}: {name} has no checksum")
+    if sha256(directory / name) != checksums[name]:
+        raise CheckpointError(f"checkpoint {directory}: {name} is corrupt (its SHA-256 differs "
+                              f"from the one in {CHECKSUMS_FILE})")
 
 
 def _read(directory: Path, name: str, reader: Callable[[Path], Any]) -> Any:
@@ -162,12 +235,16 @@ def _read(directory: Path, name: str, reader: Callable[[Path], Any]) -> Any:
         raise CheckpointError(f"checkpoint {directory}: {name} is corrupt: {error}") from error
 
 
-def _load_directory(directory: Path, device: str | torch.device) -> LoadedCheckpoint:
+def _load_directory(directory: Path, device: str | torch.device,
+                    training_state: bool = True) -> LoadedCheckpoint:
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory is missing: {directory}")
     for required in (CONFIG_FILE, MODEL_FILE):
         if not (directory / required).is_file():
             raise CheckpointError(f"checkpoint {directory} is incomplete: {required} is missing")
+    checksums = _checksums(directory)
+    for required in (CONFIG_FILE, MODEL_FILE):
+        _verify(directory, required, checksums)
     saved = _read(directory, CONFIG_FILE, lambda path: json.loads(path.read_text()))
     try:
         run = RunConfig.from_dict(saved["run"])
@@ -186,11 +263,14 @@ def _load_directory(directory: Path, device: str | torch.device) -> LoadedCheckp
         )
     model.to(device)
     trainer_state = memory = None
-    if (directory / TRAINER_FILE).is_file():
+    if training_state and TRAINER_FILE in checksums:
+        _verify(directory, TRAINER_FILE, checksums)
         trainer_state = _read(
             directory, TRAINER_FILE,
             lambda path: torch.load(path, map_location="cpu", weights_only=True),
         )
-    if (directory / MEMORY_FILE).is_file():
+    if training_state and MEMORY_FILE in checksums:
+        _verify(directory, MEMORY_FILE, checksums)
         memory = _read(directory, MEMORY_FILE, lambda path: load_file(str(path)))
-    return LoadedCheckpoint(directory, run, model, trainer_state, memory)
+    return LoadedCheckpoint(directory, run, model, trainer_state, memory,
+                            saved_step=int(saved.get("step", 0)))

@@ -30,6 +30,7 @@ from expire_span.training.checkpoint import (
     CHECKPOINTS,
     CheckpointError,
     LoadedCheckpoint,
+    json_safe,
     load_latest_valid,
     save_checkpoint,
     write_json_atomic,
@@ -131,7 +132,7 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
 
 class TrainingLoop(ABC):

@@ -1,12 +1,13 @@
 """Training cost of memory policies: time per batch, peak memory and memory size against L.
 
 Each case runs in a fresh process so that peak memory is its own. A case builds a model, fills its
-memory with ``L + R`` past states (embeddings of random tokens at consecutive steps) and lets the
-policy process one priming block, so it starts from its steady state without reading ``L`` tokens
-block by block. Then ``warmup_steps`` + ``steps`` training steps (forward, backward, optimizer
-step, memory carried) are timed; the median is reported. Peak memory is measured over the timed
-steps only: on CPU the process's resident-set high-water mark, reset after priming through
-``/proc/self/clear_refs``; on GPU the allocator's peak.
+memory with the states of a long past (embeddings of random tokens at consecutive steps: ``L + R``
+of them, or for Compressive a FIFO of ``n_m`` and ``n_cm`` compressed slots) and lets the policy
+process one priming block, so it starts from its steady state without reading ``L`` tokens block
+by block (``primed_memory``). Then ``warmup_steps`` + ``steps`` training steps (forward,
+backward, optimizer step, memory carried) are timed; the median is reported. Peak memory is
+measured over the timed steps only: on CPU the process's resident-set high-water mark, reset
+after priming through ``/proc/self/clear_refs``; on GPU the allocator's peak.
 
 Expire-Span is measured at *controlled retention* r: the embedding of a random r-fraction of the
 vocabulary carries a large positive value in channel 0 (the others a negative one) and every
@@ -35,8 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from expire_span.config import ModelConfig
-from expire_span.memory import Memory
+from expire_span.memory import LayerMemory, Memory
 from expire_span.model import MemoryTransformer
+from expire_span.policies.base import MemoryPolicy
+from expire_span.policies.compressive import CompressivePolicy
 from expire_span.policies.expire_span import ExpireSpanPolicy
 
 
@@ -91,21 +94,22 @@ def set_retention(model: MemoryTransformer, fraction: float, seed: int = 0) -> N
 
 
 def primed_memory(model: MemoryTransformer, batch_size: int, generator: torch.Generator) -> Memory:
-    """A memory holding ``L + R`` past states, after the policy processed one block."""
+    """A memory at the policy's steady state: the states of a long past (embeddings of random
+    tokens at consecutive steps), after the policy processed one block.
+
+    The past is ``L + R`` raw states for every policy but Compressive, whose memory spans a
+    longer past: its FIFO holds the last ``n_m`` states and its compressed memory the ``n_cm``
+    groups of ``c`` states before them (compressed by the layer's own compression function), so
+    its stream is ``n_m + c n_cm`` steps long and starts at step 0."""
     config = model.config
-    length = config.max_span + config.ramp
+    length = max(_history(layer.policy, config) for layer in model.layers)
     layers = []
     with torch.no_grad():
         for layer in model.layers:
             tokens = torch.randint(0, config.vocab_size, (batch_size, length), generator=generator)
-            dtype = model.embedding.weight.dtype
-            empty = layer.policy.empty_memory(batch_size, model.device, dtype)
-            layers.append(dataclasses.replace(
-                empty,
-                hidden=model.embedding(tokens.to(model.device)),
-                steps=torch.arange(length, device=model.device).expand(batch_size, -1),
-                valid=torch.ones(batch_size, length, dtype=torch.bool, device=model.device),
-            ))
+            hidden = model.embedding(tokens.to(model.device))
+            steps = torch.arange(length, device=model.device).expand(batch_size, -1)
+            layers.append(_primed_layer(layer.policy, hidden, steps))
         memory = Memory(layers, next_step=length, policy=config.memory)
         block = torch.randint(0, config.vocab_size, (batch_size, config.block_len),
                               generator=generator)
@@ -114,6 +118,36 @@ def primed_memory(model: MemoryTransformer, batch_size: int, generator: torch.Ge
         memory = model(block.to(model.device), memory).memory
         model.train(was_training)
     return memory
+
+
+def _history(policy: MemoryPolicy, config: ModelConfig) -> int:
+    """How many past steps the primed memory is built from."""
+    if isinstance(policy, CompressivePolicy):
+        return policy.mem_len + policy.rate * policy.cmem_len
+    return config.max_span + config.ramp
+
+
+def _primed_layer(policy: MemoryPolicy, hidden: torch.Tensor, steps: torch.Tensor
+                  ) -> LayerMemory:
+    """A layer's memory holding the states ``hidden`` (``[B, S, D]``) at ``steps`` (``[B, S]``,
+    the steps ``0 .. S - 1``), as the policy would have stored them."""
+    batch_size, length, width = hidden.shape
+    empty = policy.empty_memory(batch_size, hidden.device, hidden.dtype)
+    valid = torch.ones(batch_size, length, dtype=torch.bool, device=hidden.device)
+    if not isinstance(policy, CompressivePolicy):
+        return dataclasses.replace(empty, hidden=hidden, steps=steps, valid=valid)
+    # The stream starts at step 0; groups 0 .. n_cm - 1 have left the FIFO and are compressed.
+    cut = policy.rate * policy.cmem_len
+    groups = hidden[:, :cut].reshape(batch_size, policy.cmem_len, policy.rate, width)
+    compressed = LayerMemory(
+        hidden=policy.compressor(groups),
+        steps=steps[:, policy.rate - 1 : cut : policy.rate],  # a slot's step: its group's last
+        valid=valid[:, : policy.cmem_len],
+    )
+    return dataclasses.replace(
+        empty, hidden=hidden[:, cut:], steps=steps[:, cut:], valid=valid[:, cut:],
+        compressed=compressed, origin=torch.zeros_like(empty.origin),
+    )
 
 
 def estimated_peak_gb(bench: BenchConfig, case: Case) -> float:
@@ -160,11 +194,10 @@ def _peak_mb(device: torch.device, resettable: bool) -> float:
 Batches = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def measure(bench: BenchConfig, case: Case) -> dict[str, Any]:
-    """One synthetic case: a fresh model (at controlled retention for Expire-Span), random tokens,
-    a primed memory."""
+def case_model(bench: BenchConfig, case: Case) -> MemoryTransformer:
+    """The fresh model of a synthetic case (at controlled retention for Expire-Span), on the
+    benchmark's device."""
     torch.manual_seed(bench.seed)
-    generator = torch.Generator().manual_seed(bench.seed + 1)
     model = MemoryTransformer(ModelConfig(
         vocab_size=bench.vocab_size, d_model=bench.d_model, n_layers=bench.n_layers,
         n_heads=bench.n_heads, block_len=bench.block_len, max_span=case.max_span,
@@ -172,7 +205,14 @@ def measure(bench: BenchConfig, case: Case) -> dict[str, Any]:
     ))
     if case.retention is not None:
         set_retention(model, case.retention, bench.seed)
-    model.to(_device(bench))
+    return model.to(_device(bench))
+
+
+def measure(bench: BenchConfig, case: Case) -> dict[str, Any]:
+    """One synthetic case: a fresh model (at controlled retention for Expire-Span), random tokens,
+    a primed memory."""
+    generator = torch.Generator().manual_seed(bench.seed + 1)
+    model = case_model(bench, case)
 
     def batches(step: int):
         tokens = torch.randint(0, bench.vocab_size, (bench.batch_size, bench.block_len + 1),
