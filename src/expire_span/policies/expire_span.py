@@ -72,6 +72,12 @@ class ExpireSpanPolicy(MemoryPolicy):
         if cfg.noisy and self.training:
             limit = context.block_uniform * cfg.max_span
             masked_spans = spans.clamp(max=limit)
+        keep = self._keep(context, spans)
+        batch, queries = context.age.shape[:2]
+        if not torch.is_grad_enabled():  # nothing learns through the mask: every column at once
+            mask = ramp_mask(masked_spans.unsqueeze(1) - context.age, cfg.ramp)
+            aux = cfg.alpha * ramp_loss(mask, context.states.valid.unsqueeze(1)) / (queries * batch)
+            return MaskDecision(bias=log_mask_bias(mask).unsqueeze(1), aux_loss=aux, keep=keep)
         bias, columns = self._constant_bias(masked_spans.detach(), context.age)
         # Only entries on the ramp have a derivative; they lie in few key columns, so the mask
         # (and the loss) is differentiated on those columns only and scattered into the rest.
@@ -81,10 +87,8 @@ class ExpireSpanPolicy(MemoryPolicy):
         mask = ramp_mask(remaining, cfg.ramp)
         bias = bias.scatter(2, by_entry, log_mask_bias(mask))
         valid = context.states.valid.gather(1, index).unsqueeze(1)
-        batch, queries = bias.shape[:2]
         aux = cfg.alpha * ramp_loss(mask, valid) / (queries * batch)
-        return MaskDecision(bias=bias.unsqueeze(1), aux_loss=aux, keep=self._keep(context, spans),
-                            bias_grad_index=index)
+        return MaskDecision(bias=bias.unsqueeze(1), aux_loss=aux, keep=keep, bias_grad_index=index)
 
     def _constant_bias(self, spans: Tensor, age: Tensor) -> tuple[Tensor, Tensor]:
         """``[B, T, N]`` bias, exact where the mask is 1 (0) or 0 (``-inf``), and the ``[B, N]``
