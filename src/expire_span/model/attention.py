@@ -92,24 +92,28 @@ class MultiHeadAttention(nn.Module):
     def forward(
         self,
         query_inputs: Tensor,
-        query_rotation: Rotation,
+        query_steps: Tensor,
         key_values: Tensor,
         bias: Tensor,
         bias_grad_index: Tensor | None = None,
+        query_rotation: Rotation | None = None,
     ) -> Tensor:
         """Attend.
 
         Args:
             query_inputs: ``[B, T, D]``.
-            query_rotation: the rotary table of the queries' steps (``[T, 1, d]``).
+            query_steps: ``[T]`` int64 absolute steps of the queries.
             key_values: ``[B, N, 2 D]`` from :meth:`keys_values`.
             bias: ``[B, 1 or H, T, N]`` additive scores (``-inf`` hides a key).
             bias_grad_index: ``[B, C]`` int64, optional: the only keys whose bias entries have a
                 nonzero derivative downstream (see :class:`~expire_span.policies.MaskDecision`).
+            query_rotation: the rotary table of ``query_steps``, when the caller has it.
 
         Returns:
             ``[B, T, D]``.
         """
+        if query_rotation is None:
+            query_rotation = self.rotary.tables(query_steps, query_inputs.dtype)
         q = self.rotary.rotate(self._split(self.query(query_inputs)), query_rotation)
         q = q.transpose(1, 2)
         keys, values = key_values.chunk(2, dim=-1)

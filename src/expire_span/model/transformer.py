@@ -102,8 +102,8 @@ class TransformerLayer(nn.Module):
         else:
             bias = decision.bias
         bias = bias.masked_fill(hidden_keys, float("-inf"))
-        attended = self.attention(inputs[:, -queries:], rotation, key_values, bias,
-                                  decision.bias_grad_index)
+        attended = self.attention(inputs[:, -queries:], steps, key_values, bias,
+                                  decision.bias_grad_index, rotation)
         with torch.no_grad():  # earlier steps seen with non-zero weight (the query itself excluded)
             rows = bias.numel() // bias.shape[-1]
             memory_size = (bias > float("-inf")).sum() / rows - 1.0
