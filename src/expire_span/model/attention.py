@@ -48,7 +48,7 @@ class RotaryEmbedding(nn.Module):
     def rotate(x: Tensor, rotation: Rotation) -> Tensor:
         """``x`` (``[..., N, H, d]``) rotated: ``x [cos, cos] + (x2, x1) [-sin, sin]``, i.e.
         ``(x1 cos - x2 sin, x1 sin + x2 cos)``, in three tensor operations instead of seven."""
-        cos, sin = rotation
+        cos, sin = (table.to(x.dtype) for table in rotation)  # autocast: x may be narrower
         first, second = x.chunk(2, dim=-1)
         return torch.addcmul(x * cos, torch.cat([second, first], dim=-1), sin)
 
