@@ -198,6 +198,25 @@ def test_ramp_columns_decision_equals_the_full_formulas(spans, noisy):
     assert full_grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("noisy", [False, True])
+def test_decision_without_gradients_equals_the_full_formulas(noisy):
+    """Inference skips the ramp columns: same bias (exactly) and auxiliary loss."""
+    policy = make_policy(noisy=noisy).train()
+    set_spans_by_first_channel(policy)
+    context = context_for(policy)
+    inputs = torch.randn(3, len(STEPS), 4, generator=torch.Generator().manual_seed(1)) * 3
+    valid = torch.rand(3, len(STEPS), generator=torch.Generator().manual_seed(2)) < 0.7
+    context.states = LayerMemory(inputs, context.states.steps.expand(3, -1), valid)
+    context.inputs, context.age = inputs, context.age.expand(3, -1, -1)
+    context.block_uniform = 0.35
+    with torch.no_grad():
+        decision = policy.decide(context)
+        bias, aux = full_mask_decision(policy, context, 0.35 * L if noisy else None)
+    assert decision.bias_grad_index is None
+    assert torch.equal(decision.bias, bias)
+    torch.testing.assert_close(decision.aux_loss, aux)
+
+
 def test_keep_removes_exactly_what_no_future_query_can_see():
     policy = make_policy()
     set_spans_by_first_channel(policy)

@@ -66,9 +66,11 @@ def record(monkeypatch, policy: str, backend: str) -> list:
     seen = []
     forward = attention_module.MultiHeadAttention.forward
 
-    def spy(self, query_inputs, query_steps, key_values, bias, bias_grad_index=None, flex=None):
+    def spy(self, query_inputs, query_steps, key_values, bias, bias_grad_index=None,
+            query_rotation=None, flex=None):
         seen.append(flex if flex is not None else bias)
-        return forward(self, query_inputs, query_steps, key_values, bias, bias_grad_index, flex)
+        return forward(self, query_inputs, query_steps, key_values, bias, bias_grad_index,
+                       query_rotation, flex)
 
     monkeypatch.setattr(attention_module.MultiHeadAttention, "forward", spy)
     stream(policy, backend, False)

@@ -42,3 +42,18 @@ def test_training_makes_no_cache_and_saving_leaves_it_out():
     with torch.no_grad():
         cached = model.eval()(TOKENS).memory
     assert not any("kv" in name for name in cached.state_dict())
+
+
+@pytest.mark.parametrize("policy", ["expire-span", "transformer-xl"])
+def test_a_memory_continued_twice_is_changed_by_neither_continuation(policy):
+    """Inference memories grow into shared buffers: the second continuation of one memory must
+    not write into the slots the first one wrote."""
+    model = tiny_model(policy)
+    with torch.no_grad():
+        memory = model(TOKENS[:, :40]).memory
+        first = model(TOKENS[:, 40:41], memory).memory
+        model(TOKENS[:, 50:51], memory)  # another continuation of the same memory
+        after = model(TOKENS[:, 41:43], first).logits
+    with torch.enable_grad():  # no buffers, no caches
+        expected = model(TOKENS[:, :43]).logits[:, 41:]
+    torch.testing.assert_close(after, expected.detach(), atol=1e-5, rtol=0)

@@ -8,12 +8,18 @@ Samples of a batch may keep different numbers of memories. The cache stays recta
 each sample's kept memories are packed to the left (in step order) and the row is padded up to the
 longest row of the batch; ``valid`` marks the real entries. Padding costs compute (attention over
 ``max`` instead of ``mean`` kept memories) but never keeps an expired memory alive.
+
+In inference (no gradients) the wide per-slot tensors (hidden states and the layer's caches) live
+in preallocated :class:`SlotBuffers` that a memory grows into: reading one token then writes one
+slot instead of copying the whole memory into a fresh tensor (on a virtual machine whose fresh
+pages fault one by one, that copy cost more than the token's attention).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,10 +44,16 @@ class LayerMemory:
     steps: Tensor
     valid: Tensor
     kv: Tensor | None = field(default=None, kw_only=True, repr=False, metadata={"cache": True})
-    """Inference cache: ``[B, N, 2 D]`` key/value projections of the states (keys already
-    rotated at their absolute steps), or None. The layer sets and reads it only in eval mode
-    without gradients, and only for the parameters ``kv_version`` names; it is never saved."""
-    kv_version: tuple[int, ...] = field(default=(), kw_only=True, repr=False)
+    """Inference cache: ``[B, N, 2 D]`` keys (rotated at their steps) and values of the states, or
+    None. The layer sets and reads it only in eval mode without gradients, and only for the
+    parameters ``kv_version`` names; it is never saved."""
+    inputs: Tensor | None = field(default=None, kw_only=True, repr=False, metadata={"cache": True})
+    """Inference cache beside ``kv``: ``[B, N, D]`` the normalised states it was computed from."""
+    kv_version: tuple[int, ...] = field(default=(), kw_only=True, repr=False,
+                                        metadata={"cache": True})
+    buffers: SlotBuffers | None = field(default=None, kw_only=True, repr=False, compare=False,
+                                        metadata={"cache": True})
+    """Inference only: the storage ``hidden`` (and the caches, when set) are a prefix of."""
 
     @classmethod
     def empty(
@@ -67,17 +79,56 @@ class LayerMemory:
         return self.valid.sum(dim=1)
 
     def append(self, hidden: Tensor, steps: Tensor) -> LayerMemory:
-        """This memory followed by new states (all valid); ``steps`` is ``[T]`` or ``[B, T]``."""
+        """This memory followed by new states (all valid); ``steps`` is ``[T]`` or ``[B, T]``.
+        Without gradients, the states are written into this memory's buffers when it owns their
+        free tail; the caches are left for the layer to extend (:meth:`with_caches`)."""
         batch, length = hidden.shape[:2]
         steps = steps.expand(batch, length) if steps.dim() == 1 else steps
         valid = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
-        return LayerMemory(
-            hidden=torch.cat([self.hidden, hidden], dim=1),
-            steps=torch.cat([self.steps, steps], dim=1),
-            valid=torch.cat([self.valid, valid], dim=1),
-            kv=self.kv,  # still describes the first entries: the layer extends it
-            kv_version=self.kv_version,
-        )
+        steps = torch.cat([self.steps, steps], dim=1)
+        valid = torch.cat([self.valid, valid], dim=1)
+        if torch.is_grad_enabled():
+            return LayerMemory(torch.cat([self.hidden, hidden], dim=1), steps, valid,
+                               kv=self.kv, inputs=self.inputs, kv_version=self.kv_version)
+        buffers = self.buffers
+        if buffers is None or not buffers.owns_tail(self.width, length):
+            buffers = SlotBuffers.holding(self._wide(), self.width + length)
+        buffers.write(self.width, hidden=hidden)
+        return LayerMemory(buffers.prefix("hidden", self.width + length), steps, valid,
+                           **buffers.prefixes(self._cache_widths()), kv_version=self.kv_version,
+                           buffers=buffers)
+
+    def with_caches(self, inputs: Tensor, kv: Tensor, version: tuple[int, ...]) -> LayerMemory:
+        """This memory with its caches for ``version``: ``inputs`` and ``kv`` of every slot, or of
+        the last slots only when the caches already describe all the others (written in place
+        when this memory's buffers hold those slots)."""
+        fresh = inputs.shape[1]
+        if self.cached_width(version) != self.width - fresh:
+            return dataclasses.replace(self, inputs=inputs, kv=kv, kv_version=version,
+                                       buffers=None)
+        buffers = self.buffers
+        if buffers is not None and buffers.filled == self.width:  # the slots are this memory's
+            buffers.write(self.width - fresh, inputs=inputs, kv=kv)
+            views = buffers.prefixes({"inputs": self.width, "kv": self.width})
+            return dataclasses.replace(self, **views, kv_version=version)
+        inputs, kv = (new if old is None else torch.cat([old, new], dim=1)
+                      for old, new in ((self.inputs, inputs), (self.kv, kv)))
+        return dataclasses.replace(self, inputs=inputs, kv=kv, kv_version=version, buffers=None)
+
+    def cached_width(self, version: tuple[int, ...]) -> int:
+        """How many leading slots the caches describe for the parameters ``version`` names."""
+        return self.kv.shape[1] if self.kv is not None and self.kv_version == version else 0
+
+    def _cache_widths(self) -> dict[str, int]:
+        """The caches that describe every slot of this memory (the ones worth keeping)."""
+        if self.kv is None or self.kv.shape[1] != self.width:
+            return {}
+        return {"inputs": self.width, "kv": self.width}
+
+    def _wide(self) -> dict[str, Tensor]:
+        """The per-slot tensors that :class:`SlotBuffers` hold: the states and full caches."""
+        caches = {name: getattr(self, name) for name in self._cache_widths()}
+        return {"hidden": self.hidden, **caches}
 
     def select(self, keep: Tensor, slack: int = 0) -> LayerMemory:
         """Keep the entries where ``keep`` (``[B, N]`` bool) holds, packed left, in step order.
@@ -91,21 +142,25 @@ class LayerMemory:
         counts = keep.sum(dim=1)
         width = int(counts.max()) if counts.numel() else 0
         if self.width - width <= slack:
-            return LayerMemory(self.hidden, self.steps, keep, kv=self.kv,
-                               kv_version=self.kv_version)
+            return dataclasses.replace(self, valid=keep)
         # A stable sort of "not kept" moves kept entries to the front without reordering them.
         order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :width]
         rows = torch.arange(self.batch_size, device=keep.device).unsqueeze(1)
         slots = torch.arange(width, device=keep.device)
-        kv = None
-        if self.kv is not None and self.kv.shape[1] == self.width:
-            kv = self.kv[rows, order]
+        # whole rows of D values: faster than gather
+        packed = {name: value[rows, order] for name, value in self._wide().items()}
+        buffers = None
+        if not torch.is_grad_enabled() and (self.buffers is not None or "kv" in packed):
+            buffers = SlotBuffers.holding(packed, width)
+            packed = buffers.prefixes({name: width for name in packed})
         return LayerMemory(
-            hidden=self.hidden[rows, order],  # whole rows of D values: faster than gather
+            hidden=packed["hidden"],
             steps=self.steps.gather(1, order),
             valid=slots.unsqueeze(0) < counts.unsqueeze(1),
-            kv=kv,
-            kv_version=self.kv_version,
+            kv=packed.get("kv"),
+            inputs=packed.get("inputs"),
+            kv_version=self.kv_version if "kv" in packed else (),
+            buffers=buffers,
         )
 
     def reset(self, samples: Tensor) -> LayerMemory:
@@ -119,6 +174,8 @@ class LayerMemory:
 
     def detach(self) -> LayerMemory:
         """The same memory cut from the autograd graph (caches included)."""
+        if not torch.is_grad_enabled() and not self.hidden.requires_grad:
+            return self  # made without gradients: nothing to cut
         changes: dict[str, object] = {}
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
@@ -131,7 +188,7 @@ class LayerMemory:
         uses (caches are dropped): one process's or one micro-batch's share of a batch."""
         used = self.valid[index].any(dim=0).nonzero()
         width = int(used.max()) + 1 if used.numel() else 0
-        changes: dict[str, object] = {"kv": None, "kv_version": ()}
+        changes = _no_caches(self)
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
             if isinstance(value, LayerMemory):
@@ -146,7 +203,7 @@ class LayerMemory:
         are padded with invalid slots (caches are dropped)."""
         first = parts[0]
         width = max(part.width for part in parts)
-        changes: dict[str, object] = {"kv": None, "kv_version": ()}
+        changes = _no_caches(first)
         for item in dataclasses.fields(first):
             values = [getattr(part, item.name) for part in parts]
             if isinstance(values[0], LayerMemory):
@@ -157,7 +214,7 @@ class LayerMemory:
 
     def to(self, device: torch.device | str) -> LayerMemory:
         """The same memory on ``device`` (caches are dropped)."""
-        changes: dict[str, object] = {"kv": None, "kv_version": ()}
+        changes = _no_caches(self)
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
             if isinstance(value, LayerMemory):
@@ -180,19 +237,73 @@ class LayerMemory:
     def with_tensors(self, tensors: dict[str, Tensor], prefix: str = "") -> LayerMemory:
         """A memory of the same structure as this one, filled from :meth:`tensors` output
         (without caches)."""
-        changes: dict[str, object] = {}
+        changes = _no_caches(self)
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
             key = f"{prefix}{item.name}"
             if item.metadata.get("cache"):
-                changes[item.name] = None
-            elif isinstance(value, LayerMemory):
+                continue
+            if isinstance(value, LayerMemory):
                 changes[item.name] = value.with_tensors(tensors, f"{key}.")
             elif isinstance(value, Tensor):
                 if key not in tensors:
                     raise KeyError(f"memory tensor {key!r} is missing")
                 changes[item.name] = tensors[key].to(device=value.device, dtype=value.dtype)
         return dataclasses.replace(self, **changes)
+
+
+def _no_caches(memory: LayerMemory) -> dict[str, Any]:
+    """The changes that drop a memory's caches (and its buffers)."""
+    return {item.name: item.default for item in dataclasses.fields(memory)
+            if item.metadata.get("cache")}
+
+
+class SlotBuffers:
+    """Preallocated per-slot storage that inference memories grow into.
+
+    Memories are values: a call never changes the memory it was given. A memory made from these
+    buffers is a prefix of them; appending writes into the free slots after it only when that
+    memory is the one that wrote the last slot (``filled``), so a memory extended twice (two
+    continuations of one stream) gets its own copy the second time, and no memory ever sees
+    another's slots change. Capacity grows by a quarter (at least 64 slots) when it runs out.
+    """
+
+    def __init__(self, tensors: dict[str, Tensor], filled: int) -> None:
+        self.tensors = tensors
+        self.filled = filled
+
+    @classmethod
+    def holding(cls, values: dict[str, Tensor], width: int) -> SlotBuffers:
+        """New buffers with room for ``width`` slots and more, the first ones holding
+        ``values`` (``name -> [B, n, ...]``, n <= width)."""
+        capacity = width + max(64, width // 4)
+        tensors = {}
+        for name, value in values.items():
+            tensors[name] = value.new_empty((value.shape[0], capacity, *value.shape[2:]))
+            tensors[name][:, : value.shape[1]] = value
+        return cls(tensors, min(value.shape[1] for value in values.values()))
+
+    def owns_tail(self, width: int, length: int) -> bool:
+        """Whether a memory of ``width`` slots may write ``length`` more in place."""
+        capacity = next(iter(self.tensors.values())).shape[1]
+        return self.filled == width and width + length <= capacity
+
+    def write(self, start: int, **values: Tensor) -> None:
+        """Write ``[B, n, ...]`` values at slots ``start ...`` (allocating a buffer for a new
+        name); the buffers are then filled up to the end of what was written."""
+        for name, value in values.items():
+            if name not in self.tensors:
+                capacity = next(iter(self.tensors.values())).shape[1]
+                self.tensors[name] = value.new_empty((value.shape[0], capacity,
+                                                      *value.shape[2:]))
+            self.tensors[name][:, start : start + value.shape[1]] = value
+        self.filled = start + next(iter(values.values())).shape[1]
+
+    def prefix(self, name: str, width: int) -> Tensor:
+        return self.tensors[name][:, :width]
+
+    def prefixes(self, widths: dict[str, int]) -> dict[str, Tensor]:
+        return {name: self.prefix(name, width) for name, width in widths.items()}
 
 
 def _pad_slots(value: Tensor, width: int) -> Tensor:

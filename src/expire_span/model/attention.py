@@ -17,6 +17,10 @@ from expire_span.config import ModelConfig
 from expire_span.model.flex_attention import FlexPlan, flex_attend
 from expire_span.model.ramp_attention import ramp_bias_attention
 
+Rotation = tuple[Tensor, Tensor]
+"""A rotary table: full-width cos and signed sin, ``[..., N, 1, d]``
+(:meth:`RotaryEmbedding.tables`)."""
+
 
 class RotaryEmbedding(nn.Module):
     """Rotates channel pairs ``(x[:d/2], x[d/2:])`` by ``step * base^(-2k/d)``.
@@ -33,13 +37,25 @@ class RotaryEmbedding(nn.Module):
         exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
         self.register_buffer("inv_freq", base**-exponents, persistent=False)
 
+    def tables(self, steps: Tensor, dtype: torch.dtype) -> Rotation:
+        """The rotation at int64 ``steps`` (``[N]`` or ``[B, N]``): full-width
+        ``([cos, cos], [-sin, sin])``, ``[..., N, 1, d]``. A block's table serves every layer."""
+        angles = steps.unsqueeze(-1).double() * self.inv_freq
+        angles = torch.remainder(angles, 2 * math.pi).float().unsqueeze(-2)  # [..., N, 1, d/2]
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+    @staticmethod
+    def rotate(x: Tensor, rotation: Rotation) -> Tensor:
+        """``x`` (``[..., N, H, d]``) rotated: ``x [cos, cos] + (x2, x1) [-sin, sin]``, i.e.
+        ``(x1 cos - x2 sin, x1 sin + x2 cos)``, in three tensor operations instead of seven."""
+        cos, sin = (table.to(x.dtype) for table in rotation)  # autocast: x may be narrower
+        first, second = x.chunk(2, dim=-1)
+        return torch.addcmul(x * cos, torch.cat([second, first], dim=-1), sin)
+
     def forward(self, x: Tensor, steps: Tensor) -> Tensor:
         """``x``: ``[..., N, H, d]``; ``steps``: int64 ``[N]`` or ``[B, N]`` absolute steps."""
-        angles = steps.unsqueeze(-1).double() * self.inv_freq.double()
-        angles = torch.remainder(angles, 2 * math.pi).float().unsqueeze(-2)  # [..., N, 1, d/2]
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        first, second = x.chunk(2, dim=-1)
-        return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+        return self.rotate(x, self.tables(steps, x.dtype))
 
 
 class MultiHeadAttention(nn.Module):
@@ -64,10 +80,14 @@ class MultiHeadAttention(nn.Module):
         """``[B, N, D]`` -> ``[B, H, N, d]``."""
         return self._split(x).transpose(1, 2)
 
-    def keys_values(self, key_inputs: Tensor, key_steps: Tensor) -> Tensor:
-        """``[B, N, 2 D]``: keys rotated at their absolute steps (``[B, N]``), then values."""
+    def keys_values(self, key_inputs: Tensor, key_steps: Tensor,
+                    rotation: Rotation | None = None) -> Tensor:
+        """``[B, N, 2 D]``: keys rotated at their absolute steps (``[B, N]``; ``rotation``: their
+        table, when the caller has it), then values."""
         keys, values = self.key_value(key_inputs).chunk(2, dim=-1)
-        keys = self.rotary(self._split(keys), key_steps).flatten(-2)
+        if rotation is None:
+            rotation = self.rotary.tables(key_steps, keys.dtype)
+        keys = self.rotary.rotate(self._split(keys), rotation).flatten(-2)
         return torch.cat([keys, values], dim=-1)
 
     def forward(
@@ -77,6 +97,7 @@ class MultiHeadAttention(nn.Module):
         key_values: Tensor,
         bias: Tensor | None,
         bias_grad_index: Tensor | None = None,
+        query_rotation: Rotation | None = None,
         flex: FlexPlan | None = None,
     ) -> Tensor:
         """Attend.
@@ -88,13 +109,17 @@ class MultiHeadAttention(nn.Module):
             bias: ``[B, 1 or H, T, N]`` additive scores (``-inf`` hides a key).
             bias_grad_index: ``[B, C]`` int64, optional: the only keys whose bias entries have a
                 nonzero derivative downstream (see :class:`~expire_span.policies.MaskDecision`).
+            query_rotation: the rotary table of ``query_steps``, when the caller has it.
             flex: the mask for FlexAttention (``model/flex_attention.py``), used instead of
                 ``bias`` (then ``None``).
 
         Returns:
             ``[B, T, D]``.
         """
-        q = self.rotary(self._split(self.query(query_inputs)), query_steps).transpose(1, 2)
+        if query_rotation is None:
+            query_rotation = self.rotary.tables(query_steps, query_inputs.dtype)
+        q = self.rotary.rotate(self._split(self.query(query_inputs)), query_rotation)
+        q = q.transpose(1, 2)
         keys, values = key_values.chunk(2, dim=-1)
         k, v = self._heads(keys), self._heads(values)
         dropout = self.dropout if self.training else 0.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -12,7 +11,7 @@ from torch import Tensor, nn
 
 from expire_span.config import ModelConfig
 from expire_span.memory import LayerMemory, Memory
-from expire_span.model.attention import MultiHeadAttention
+from expire_span.model.attention import MultiHeadAttention, Rotation
 from expire_span.model.flex_attention import FlexPlan
 from expire_span.policies import BlockContext, build_policy
 
@@ -78,15 +77,16 @@ class TransformerLayer(nn.Module):
         self.policy = build_policy(config, index)
 
     def forward(
-        self, hidden: Tensor, memory: LayerMemory, steps: Tensor, block_uniform: float
+        self, hidden: Tensor, memory: LayerMemory, steps: Tensor, block_uniform: float,
+        rotation: Rotation | None = None,
     ) -> LayerOutput:
-        """Process one block: ``hidden`` ``[B, T, D]`` at absolute ``steps`` ``[T]``."""
+        """Process one block: ``hidden`` ``[B, T, D]`` at absolute ``steps`` ``[T]`` (whose
+        rotary table the model computes once for all layers)."""
         queries = hidden.shape[1]
+        if rotation is None:
+            rotation = self.attention.rotary.tables(steps, hidden.dtype)
         states = self.policy.context_states(memory, hidden, steps)
-        inputs = self.norm_attention(states.hidden) if self.config.pre_norm else states.hidden
-        key_values = self._key_values(states, inputs, queries)
-        if self._caching():
-            states = dataclasses.replace(states, kv=key_values, kv_version=self._kv_version())
+        states, inputs, key_values = self._inputs_key_values(states, queries, rotation)
         age = steps.view(1, -1, 1) - states.steps.unsqueeze(1)  # [B, T, N]
         visible = states.valid.unsqueeze(1) & (age >= 0)
         # Packing the memory moves all of it; attending a dead slot costs one query per slot.
@@ -100,7 +100,8 @@ class TransformerLayer(nn.Module):
 
         if decision.flex is not None:  # FlexAttention: the mask as per-key quantities, no bias
             plan = FlexPlan.build(decision.flex, queries, states.width)
-            attended = self.attention(inputs[:, -queries:], steps, key_values, None, flex=plan)
+            attended = self.attention(inputs[:, -queries:], steps, key_values, None, None, rotation,
+                                      flex=plan)
             memory_size = plan.memory_size
         else:
             hidden_keys = ~visible.unsqueeze(1)
@@ -110,7 +111,7 @@ class TransformerLayer(nn.Module):
                 bias = decision.bias
             bias = bias.masked_fill(hidden_keys, float("-inf"))
             attended = self.attention(inputs[:, -queries:], steps, key_values, bias,
-                                      decision.bias_grad_index)
+                                      decision.bias_grad_index, rotation)
             with torch.no_grad():  # earlier steps seen with nonzero weight (the query excluded)
                 rows = bias.numel() // bias.shape[-1]
                 memory_size = (bias > float("-inf")).sum() / rows - 1.0
@@ -135,15 +136,27 @@ class TransformerLayer(nn.Module):
         """Keys and values are cached in the memory for inference only (eval, no gradients)."""
         return not self.training and not torch.is_grad_enabled()
 
-    def _key_values(self, states: LayerMemory, inputs: Tensor, queries: int) -> Tensor:
-        """Keys and values of all states: the memory's cached ones when valid (inference), so
-        only the block's own states are projected; all of them otherwise."""
-        cached = states.kv
-        if (self._caching() and cached is not None and states.kv_version == self._kv_version()
-                and cached.shape[1] == states.width - queries):
-            fresh = self.attention.keys_values(inputs[:, -queries:], states.steps[:, -queries:])
-            return torch.cat([cached, fresh], dim=1)
-        return self.attention.keys_values(inputs, states.steps)
+    def _normalise(self, states: Tensor) -> Tensor:
+        return self.norm_attention(states) if self.config.pre_norm else states
+
+    def _inputs_key_values(self, states: LayerMemory, queries: int, rotation: Rotation
+                           ) -> tuple[LayerMemory, Tensor, Tensor]:
+        """The states (with their caches, in inference), their normalised inputs and their keys
+        and values. In inference the memory's cached ones are reused when valid, so only the
+        block's own states are normalised and projected."""
+        if not self._caching():
+            inputs = self._normalise(states.hidden)
+            return states, inputs, self.attention.keys_values(inputs, states.steps)
+        version = self._kv_version()
+        if states.cached_width(version) == states.width - queries:
+            inputs = self._normalise(states.hidden[:, -queries:])
+            key_values = self.attention.keys_values(inputs, states.steps[:, -queries:], rotation)
+        else:
+            inputs = self._normalise(states.hidden)
+            key_values = self.attention.keys_values(inputs, states.steps)
+        states = states.with_caches(inputs, key_values, version)
+        assert states.inputs is not None and states.kv is not None
+        return states, states.inputs, states.kv
 
     def readout(self, queries: Tensor, keys: Tensor, key_valid: Tensor) -> Tensor:
         """This layer's normalisation and content attention with every parameter detached
@@ -229,9 +242,10 @@ class MemoryTransformer(nn.Module):
             length = block.shape[1]
             steps = torch.arange(next_step, next_step + length, device=inputs.device)
             block_uniform = float(torch.rand(())) if self.training else 0.5
+            rotation = self.layers[0].attention.rotary.tables(steps, block.dtype)
             hidden = self.dropout(block)
             for index, layer in enumerate(self.layers):
-                result = layer(hidden, layers[index], steps, block_uniform)
+                result = layer(hidden, layers[index], steps, block_uniform, rotation)
                 hidden, layers[index] = result.hidden, result.memory
                 aux_loss = aux_loss + result.aux_loss * (length / total)
                 memory_size[index] += result.memory_size * (length / total)

@@ -84,12 +84,17 @@ class ExpireSpanPolicy(MemoryPolicy):
         if cfg.noisy and self.training:
             limit = context.block_uniform * cfg.max_span
             masked_spans = spans.clamp(max=limit)
+        keep = self._keep(context, spans)
         flex = None
         if context.flex:  # FlexAttention computes the mask from the spans: no [B, T, N] bias
             ages = key_ages(context.states.steps, context.states.valid,
                             context.next_step - context.num_queries)
             flex = SpanMask(ages, masked_spans, float(cfg.ramp))
             bias, columns = None, self._ramp_keys(masked_spans.detach(), ages, context.num_queries)
+        elif not torch.is_grad_enabled():  # nothing learns through the mask: every column at once
+            mask = ramp_mask(masked_spans.unsqueeze(1) - context.age, cfg.ramp)
+            aux = self._aux_loss(masked_spans, mask, context.states.valid.unsqueeze(1), context)
+            return MaskDecision(bias=log_mask_bias(mask).unsqueeze(1), aux_loss=aux, keep=keep)
         else:
             bias, columns = self._constant_bias(masked_spans.detach(), context.age)
         # Only entries on the ramp have a derivative; they lie in few key columns, so the mask
@@ -101,13 +106,18 @@ class ExpireSpanPolicy(MemoryPolicy):
         if bias is not None:
             bias = bias.scatter(2, by_entry, log_mask_bias(mask)).unsqueeze(1)
         valid = context.states.valid.gather(1, index).unsqueeze(1)
+        aux = self._aux_loss(masked_spans, mask, valid, context)
+        return MaskDecision(bias=bias, aux_loss=aux, keep=keep, bias_grad_index=index, flex=flex)
+
+    def _aux_loss(self, spans: Tensor, mask: Tensor, valid: Tensor,
+                  context: BlockContext) -> Tensor:
+        """The auxiliary loss of the block in the configured form (``span_loss``), from the
+        (possibly shortened) spans, or from the mask on a set of columns holding every ramp pair
+        and their ``valid`` flags (``[B, 1, C]``)."""
         batch, queries = context.age.shape[:2]
-        if cfg.span_loss == "l1":
-            aux = cfg.alpha * new_span_sum(masked_spans, context) / (queries * batch)
-        else:
-            aux = cfg.alpha * ramp_loss(mask, valid) / (queries * batch)
-        return MaskDecision(bias=bias, aux_loss=aux, keep=self._keep(context, spans),
-                            bias_grad_index=index, flex=flex)
+        if self.config.span_loss == "l1":
+            return self.config.alpha * new_span_sum(spans, context) / (queries * batch)
+        return self.config.alpha * ramp_loss(mask, valid) / (queries * batch)
 
     def _ramp_keys(self, spans: Tensor, ages: Tensor, queries: int) -> Tensor:
         """``[B, N]``: the keys some query of the block may see on the ramp (``0 < m <= 1``),
