@@ -91,6 +91,7 @@ def points(args: argparse.Namespace, config: dict[str, Any]) -> list[tuple[str, 
 
 
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every point, in order; the record and the plot are rewritten as each one lands."""
     config = base_config(args)
     records = []
     for policy, field, value, model in points(args, config):
@@ -111,7 +112,14 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         }
         print(json.dumps({k: v for k, v in record.items() if k != "settings"}), flush=True)
         records.append(record)
+        write(records, args)
     return records
+
+
+def write(records: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    Path(args.record).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.record).write_text(json.dumps(records, indent=2) + "\n")
+    plot(records, Path(args.image), args.title or args.preset)
 
 
 def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -160,13 +168,10 @@ def main() -> None:
     parser.add_argument("--image", required=True, help="the plot (PNG)")
     parser.add_argument("--title", default=None, help="plot title (default: the preset)")
     args = parser.parse_args()
-    records = measure(args)
-    if not records:
+    if not points(args, base_config(args)):
         raise SystemExit("nothing to sweep: give at least one of --alphas, --windows, "
                          "--adapt-losses, --compressive-spans")
-    Path(args.record).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.record).write_text(json.dumps(records, indent=2) + "\n")
-    plot(records, Path(args.image), args.title or args.preset)
+    measure(args)
 
 
 if __name__ == "__main__":

@@ -66,12 +66,14 @@ the paper's claims are about, and text; skipped for portal and instruction to sa
 
 def _train_child(config: dict[str, Any], out: str, results: Any) -> None:
     run = RunConfig.from_dict(config)
-    trainer_class(run.task)(run, out, progress=False).fit()
+    resume = (Path(out) / "checkpoints").is_dir()  # an interrupted run continues where it was
+    trainer_class(run.task)(run, out, progress=False, resume=resume).fit()
     results.put(rss_mb("VmHWM"))
 
 
 def train(config: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Train in a fresh process (unless ``out`` holds a finished run); return its summary, with
+    """Train in a fresh process (unless ``out`` holds a finished run; an interrupted one is
+    resumed from its newest intact checkpoint); return its summary, with
     the peak resident memory of the training process (recorded in ``peak_rss_mb.json``)."""
     peak_file = out / "peak_rss_mb.json"
     if not (out / "summary.json").exists():
