@@ -78,9 +78,10 @@ def selectivity(run_dir: Path, episodes: int = 3) -> list[dict[str, float]]:
     return out
 
 
-def measure(symbols: int, gap: int, span: int, out: Path) -> dict[str, Any]:
+def measure(symbols: int, gap: int, span: int, out: Path, seed: int) -> dict[str, Any]:
     config = merge(get_preset(PRESET).config, {
-        "task_options": {"symbols": symbols, "gap": gap}, "model": {"max_span": span}})
+        "task_options": {"symbols": symbols, "gap": gap}, "model": {"max_span": span},
+        "train": {"seed": seed}})
     run_dir = out / run_name(symbols, gap, span)
     summary = train(config, run_dir)
     test = test_metrics(run_dir)
@@ -94,7 +95,8 @@ def measure(symbols: int, gap: int, span: int, out: Path) -> dict[str, Any]:
         "settings": {name: model[name] for name in
                      ("ramp", "alpha", "init_percentage", "pre_div", "span_loss", "noisy")}
                     | {name: summary["config"]["train"][name] for name in
-                       ("aux_hold", "aux_hold_until", "aux_ramp", "lr", "batch_size", "seq_len")},
+                       ("aux_hold", "aux_hold_until", "aux_ramp", "lr", "batch_size", "seq_len",
+                        "seed")},
         "run": str(run_dir),
     }
 
@@ -123,6 +125,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, metavar="K,D,L",
                         help="run these configurations only (default: the whole grid; "
                         "--only with no value trains nothing and just gathers --record)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed of every run (the recorded grid used 0)")
     parser.add_argument("--out", default="runs/copy-robustness")
     parser.add_argument("--record", default=None,
                         help="write every finished configuration under --out to this JSON")
@@ -132,12 +136,12 @@ def main() -> None:
                                            for item in args.only]
     out = Path(args.out)
     for symbols, gap, span in grid:
-        record = measure(symbols, gap, span, out)
+        record = measure(symbols, gap, span, out, args.seed)
         print(json.dumps({k: v for k, v in record.items() if k != "settings"}), flush=True)
     if args.record:
         done = [(k, d, s) for k, d, s in GRID
                 if (out / run_name(k, d, s) / "summary.json").exists()]
-        records = [measure(k, d, s, out) for k, d, s in done]
+        records = [measure(k, d, s, out, args.seed) for k, d, s in done]
         Path(args.record).write_text(json.dumps(records, indent=2) + "\n")
         print(f"{len(records)} configurations written to {args.record}")
         print(markdown(records))

@@ -116,7 +116,23 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     return records
 
 
+def markdown(records: list[dict[str, Any]]) -> str:
+    """The table docs/results.md shows: every point, each policy's rows by memory size."""
+    metric = records[0]["metric"]
+    lines = [f"| model | knob | value | test {metric} | avg memory size | ms per block "
+             "| training seconds |", "|---|---|---|---|---|---|---|"]
+    for policy in SWEEPS:
+        for r in sorted((r for r in records if r["model"] == policy),
+                        key=lambda r: r["avg_memory_size"]):
+            block = f"{r['block_ms']:.1f}" if "block_ms" in r else "-"
+            lines.append(f"| {policy} | {r['parameter']} | {r['value']:g} | {r['test']:.3f} "
+                         f"| {r['avg_memory_size']:.1f} | {block} | {r['train_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def write(records: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Rewrite the record, the plot and the table (printed) with every point so far."""
+    print(markdown(records), flush=True)
     Path(args.record).parent.mkdir(parents=True, exist_ok=True)
     Path(args.record).write_text(json.dumps(records, indent=2) + "\n")
     plot(records, Path(args.image), args.title or args.preset)

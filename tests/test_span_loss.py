@@ -231,6 +231,7 @@ def test_spans_do_not_collapse_on_a_copy_four_times_longer_than_copy_test(tmp_pa
                   "tensorboard": False}})
     for name in DERIVED_FIELDS:
         config["model"].pop(name, None)
+    config["train"].pop("aux_hold")  # copy-test turns the hold off; this test needs the default
     run = RunConfig.from_dict(config)
     start = run.resolved().model["init_percentage"] * 512
     Trainer(run, tmp_path, progress=False).fit()

@@ -37,6 +37,9 @@ _PRESETS = [
                 "steps": 1000, "batch_size": 32, "seq_len": 128, "lr": 2e-3, "warmup": 50,
                 "schedule": "cosine",
                 "eval_every": 500, "eval_batches": 10, "log_every": 20, "checkpoint_every": 200,
+                # seed 0 stalls Expire-Span at a partial copy (accuracy ~0.4) for this budget;
+                # seeds 1 and 2 solve it (docs/results.md, "Seeds"): the quick start uses seed 1
+                "seed": 1,
             },
         },
     ),

@@ -1,0 +1,78 @@
+"""benchmarks/frontier.py and copy_robustness.py: what makes their comparisons fair.
+
+The sweeps themselves take CPU-hours; these tests check the points they would train: every
+policy gets the task's budget unchanged, Adaptive-Span starts at Expire-Span's starting span,
+and the knob each sweep turns reaches the model configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def frontier():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("frontier")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def sweep_args(frontier, *argv: str) -> argparse.Namespace:
+    namespace = argparse.Namespace(preset="copy-cpu", set=[], alphas=None, windows=None,
+                                   adapt_losses=None, compressive_spans=None, seed=3)
+    for item in argv:
+        key, value = item.split("=", 1)
+        if key == "set":
+            namespace.set.append(frontier.parse_override(value))
+        else:
+            setattr(namespace, key, [float(v) for v in value.split(",")])
+    return namespace
+
+
+def test_adaptive_span_starts_where_expire_span_starts(frontier):
+    # copy-cpu: K + D = 208, M = 32 -> the span rule's start 1.25 * 208 + 16 + 32 = 308 of 512
+    args = sweep_args(frontier, "adapt_losses=1e-5,1e-3", "alphas=1e-4")
+    config = frontier.base_config(args)
+    points = frontier.points(args, config)
+    adaptive = [model for policy, _, _, model in points if policy == "adaptive-span"]
+    assert [m["adapt_span_loss"] for m in adaptive] == [1e-5, 1e-3]
+    for model in adaptive:
+        assert model["adapt_span_init"] == pytest.approx(308 / 512)
+        assert model["ramp"] == 16
+
+
+def test_the_start_follows_a_changed_task(frontier):
+    # a gap of 400: K + D = 408 -> start 1.25 * 408 + 48 = 558 of L = 1024
+    args = sweep_args(frontier, "set=task_options.gap=400", "set=model.max_span=1024",
+                      "adapt_losses=1e-4")
+    (_, _, _, model), = frontier.points(args, frontier.base_config(args))
+    assert model["adapt_span_init"] == pytest.approx(558 / 1024)
+
+
+def test_every_point_keeps_the_budget_and_turns_only_its_knob(frontier):
+    args = sweep_args(frontier, "alphas=1e-3", "windows=216", "compressive_spans=256")
+    config = frontier.base_config(args)
+    assert config["train"]["seed"] == 3
+    points = frontier.points(args, config)
+    assert [(p, field, value) for p, field, value, _ in points] == [
+        ("expire-span", "alpha", 1e-3), ("transformer-xl", "max_span", 216),
+        ("compressive", "max_span", 256)]
+    for policy, field, value, model in points:
+        assert model == {"memory": policy, field: value}
+
+
+def test_overrides_are_read_as_literals_and_bad_ones_are_refused(frontier):
+    assert frontier.parse_override("train.lr=3e-4") == {"train": {"lr": 3e-4}}
+    assert frontier.parse_override("model.memory=expire-span") == {
+        "model": {"memory": "expire-span"}}
+    with pytest.raises(argparse.ArgumentTypeError, match="section.field=value"):
+        frontier.parse_override("lr=3e-4")
