@@ -4,6 +4,7 @@ losses back until the task is being learned (``train.aux_hold``)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -179,6 +180,29 @@ def test_trainer_weighs_the_auxiliary_loss_by_the_gate(tmp_path, hold):
     else:
         assert held < without - 1e-3
         assert {r["aux_weight"] for r in records} == {1.0}
+
+
+@pytest.mark.parametrize("memory,held", [("expire-span", True), ("adaptive-span", True),
+                                         ("compressive", False), ("transformer-xl", False)])
+def test_only_losses_that_push_memories_out_are_held(tmp_path, memory, held):
+    """A span penalty waits for the task; Compressive's reconstruction loss (which teaches its
+    compressor to keep information) must not: held, it would never train on a task that is
+    never learned."""
+    config = json.loads(json.dumps(TINY))
+    config["model"]["memory"] = memory
+    trainer = Trainer(RunConfig.from_dict(config), tmp_path, progress=False)
+    assert trainer.aux_gate.scale(0) == (0.0 if held else 1.0)
+
+
+def test_the_default_hold_has_no_deadline():
+    """The hold ends when the task is being learned, not at a fixed share of the run."""
+    from expire_span.training.config import TrainConfig
+
+    assert TrainConfig().aux_hold_until == 1.0
+    gate = AuxiliaryGate(hold=0.5, release_step=math.ceil(1.0 * 100), ramp=0)
+    for step in range(99):
+        gate.observe(step, 2.0)  # a loss that never falls
+    assert gate.scale(99) == 0.0
 
 
 def test_gate_state_survives_resume(tmp_path):

@@ -41,6 +41,7 @@ from expire_span.policies.flex_mask import SpanMask, key_ages
 
 class AdaptiveSpanPolicy(MemoryPolicy):
     name = "adaptive-span"
+    aux_loss_forgets = True
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__(config, layer_index)

@@ -131,6 +131,10 @@ class MemoryPolicy(nn.Module):
     skips_parameters: ClassVar[bool] = False
     """Whether a step may leave some of the policy's parameters out of the graph (multi-process
     training must then look for them in every step)."""
+    aux_loss_forgets: ClassVar[bool] = False
+    """Whether the auxiliary loss pushes memories out (a span penalty). The sequence trainer holds
+    such a loss back until the task is being learned (``train.aux_hold``); a loss that teaches
+    the policy to keep information (Compressive's reconstruction) acts from the first step."""
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()

@@ -61,6 +61,7 @@ def new_span_sum(spans: Tensor, context: BlockContext) -> Tensor:
 
 class ExpireSpanPolicy(MemoryPolicy):
     name = "expire-span"
+    aux_loss_forgets = True
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__(config, layer_index)

@@ -9,7 +9,10 @@ gets the gradient that would make it grow back (docs/expire-span.md, "Holding th
 back"). So the auxiliary losses are held at 0 until the task is being learned, measured without
 knowing anything of the task or the policy: the smoothed training loss has fallen to
 ``aux_hold`` times its starting value. Then their weight rises linearly to 1 over ``aux_ramp``
-steps. A task whose loss never falls that far is released at ``aux_hold_until`` of the run.
+steps. ``aux_hold_until`` (a fraction of the run) may end the hold earlier for tasks whose loss
+never falls that far; by default it does not: a release before the task was learned shrank the
+spans of still-learning copy runs below their dependency. Only losses that push memories out
+are held (:attr:`~expire_span.policies.MemoryPolicy.aux_loss_forgets`).
 """
 
 from __future__ import annotations

@@ -65,9 +65,11 @@ class TrainConfig:
     """Hold the memory policy's auxiliary loss at 0 until the smoothed training loss has fallen
     to this fraction of its first value (the task is being learned), so that it cannot shrink
     spans before the task shows which memories matter; 0 applies it from the first step."""
-    aux_hold_until: float = 0.5
-    """Fraction of the run after which the hold ends anyway (for tasks whose loss never falls to
-    aux_hold times its first value)."""
+    aux_hold_until: float = 1.0
+    """Fraction of the run after which the hold ends anyway, for tasks whose loss never falls to
+    aux_hold times its first value. At 1 (the default) it never ends before the task is being
+    learned: releasing it earlier shrank the spans of copy runs that were still learning below
+    their dependency (docs/expire-span.md)."""
     aux_ramp: int = 100
     """Steps over which the auxiliary loss rises from 0 to its full weight once released."""
     eval_every: int = 200

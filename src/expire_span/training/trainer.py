@@ -72,8 +72,9 @@ class Trainer(TrainingLoop):
             self.network = DistributedDataParallel(self.model, device_ids=device_ids,
                                                    find_unused_parameters=skips)
         self.interval = _Interval(self.device)
-        self.aux_gate = AuxiliaryGate(cfg.aux_hold, math.ceil(cfg.aux_hold_until * cfg.steps),
-                                      cfg.aux_ramp)
+        forgets = any(layer.policy.aux_loss_forgets for layer in self.model.layers)
+        self.aux_gate = AuxiliaryGate(cfg.aux_hold if forgets else 0.0,
+                                      math.ceil(cfg.aux_hold_until * cfg.steps), cfg.aux_ramp)
 
     def _trainer_state(self) -> dict[str, Any]:
         return {**super()._trainer_state(), "aux_gate": self.aux_gate.state_dict()}
