@@ -227,8 +227,9 @@ def test_keep_removes_exactly_what_no_future_query_can_see():
     assert not all(expected) and any(expected)
 
 
-def test_gradients_reach_span_predictor_through_the_mask():
-    model = tiny_model(alpha=0.0).train()
+@pytest.mark.parametrize("pre_norm", [True, False], ids=["pre-norm", "post-norm"])
+def test_gradients_reach_span_predictor_through_the_mask(pre_norm):
+    model = tiny_model(alpha=0.0, pre_norm=pre_norm).train()
     tokens = torch.randint(0, 13, (2, 40))
     out = model(tokens)
     assert out.aux_loss.item() == 0.0
@@ -238,8 +239,9 @@ def test_gradients_reach_span_predictor_through_the_mask():
         assert layer.policy.span_predictor.bias.grad.abs().sum() > 0
 
 
-def test_gradients_reach_span_predictor_through_the_aux_loss():
-    model = tiny_model(alpha=1.0).train()
+@pytest.mark.parametrize("pre_norm", [True, False], ids=["pre-norm", "post-norm"])
+def test_gradients_reach_span_predictor_through_the_aux_loss(pre_norm):
+    model = tiny_model(alpha=1.0, pre_norm=pre_norm).train()
     out = model(torch.randint(0, 13, (2, 40)))
     assert out.aux_loss.item() > 0
     out.aux_loss.backward()
