@@ -13,7 +13,6 @@ from expire_span.policies.adaptive_span import AdaptiveSpanPolicy
 from expire_span.policies.base import log_mask_bias, selected_columns
 from tests.helpers import tiny_model
 
-
 NORMS = pytest.mark.parametrize("pre_norm", [True, False], ids=["pre-norm", "post-norm"])
 
 

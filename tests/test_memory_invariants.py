@@ -280,7 +280,8 @@ def test_dropout_acts_in_training_only_and_spans_still_learn_through_it(pre_norm
             out.logits.square().mean().backward()
             logits.append(out.logits.detach())
             memory = out.memory
-        runs.append((torch.cat(logits, 1), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        runs.append((torch.cat(logits, 1), grads))
     (first, grads), (again, grads_again), (other, _) = runs
     torch.testing.assert_close(again, first, atol=0, rtol=0)
     assert (first - reference).abs().max() > 1e-3 and (other - first).abs().max() > 1e-3
