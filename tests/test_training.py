@@ -18,6 +18,7 @@ from expire_span.training import (
     Trainer,
     TrainingDiverged,
     TrainingInterrupted,
+    get_preset,
     load_checkpoint,
 )
 from expire_span.training.checkpoint import sha256
@@ -92,6 +93,53 @@ def test_resume_continues_exactly(tmp_path, memory):
     train_b = [(r["step"], r["loss"]) for r in b if r["split"] == "train"]
     assert train_a == train_b  # the log holds each step once, with the same values
     assert a[-1]["loss"] == pytest.approx(b[-1]["loss"], abs=1e-6)
+
+
+def test_a_learning_rate_drop_continues_a_finished_run_as_if_planned(tmp_path):
+    """The released enwik8 run's second phase: a run planned with its drop at step 4 (lr x 0.1
+    for steps 5 and 6) equals a 4-step run without it continued by --resume with --steps 6
+    --lr-drop-at 4, to the bit, and both log the dropped rate from step 5 on."""
+    planned = Trainer(tiny_run(lr_drop_at=4, log_every=1), tmp_path / "a", progress=False)
+    planned.fit()
+    Trainer(tiny_run(steps=4, log_every=1), tmp_path / "b", progress=False).fit()
+    resumed = Trainer(None, tmp_path / "b", resume=True,
+                      resume_overrides={"steps": 6, "lr_drop_at": 4}, progress=False)
+    resumed.fit()
+    for name, value in params(planned.model).items():
+        torch.testing.assert_close(params(resumed.model)[name], value, atol=0, rtol=0)
+    lr = TINY["train"]["lr"]
+    rates = {run: {r["step"]: r["lr"] for r in read_metrics(tmp_path / run)
+                   if r["split"] == "train"} for run in ("a", "b")}
+    # a record's lr is the rate of the step after it (the scheduler has stepped); run b's
+    # record of step 4 was written before the drop was planned
+    assert rates["a"][3] == rates["b"][3] == rates["b"][4] == pytest.approx(lr)
+    assert rates["a"][4] == pytest.approx(0.1 * lr)
+    assert rates["a"][5] == rates["b"][5] == pytest.approx(0.1 * lr)
+    unplanned = Trainer(tiny_run(log_every=1), tmp_path / "c", progress=False)
+    unplanned.fit()
+    assert any(not torch.equal(params(unplanned.model)[name], value)
+               for name, value in params(planned.model).items())
+
+
+def test_learning_rate_factor_of_the_enwik8_preset():
+    """enwik8-12l: warm-up over 8000 steps, 7e-4 up to step 100k, 7e-5 for the last 10k."""
+    from expire_span.training.loop import learning_rate_factor
+
+    run = RunConfig.from_dict(get_preset("enwik8-12l").config)
+    factor = learning_rate_factor(run.train)
+    rates = {step: run.train.lr * factor(step) for step in (0, 3999, 7999, 8000, 99_999,
+                                                             100_000, 109_999)}
+    assert rates[0] == pytest.approx(7e-4 / 8000) and rates[3999] == pytest.approx(3.5e-4)
+    assert rates[7999] == rates[8000] == rates[99_999] == pytest.approx(7e-4)
+    assert rates[100_000] == rates[109_999] == pytest.approx(7e-5)
+    assert run.train.steps == 110_000
+
+
+@pytest.mark.parametrize("field, value", [("lr_drop_at", -1), ("lr_drop", 0.0),
+                                          ("lr_drop", 1.5)])
+def test_bad_learning_rate_drops_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"train.{field}"):
+        tiny_run(**{field: value})
 
 
 def test_interrupt_saves_a_checkpoint_and_resume_loses_nothing(tmp_path, monkeypatch):

@@ -44,7 +44,8 @@ SUMMARY_FILE = "summary.json"
 RUN_CONFIG_FILE = "config.json"
 RESUMABLE_TRAIN_FIELDS = frozenset(
     {"steps", "eval_every", "eval_batches", "eval_batch_size", "log_every", "checkpoint_every",
-     "keep_checkpoints", "device", "tensorboard", "precision", "accumulate"}
+     "keep_checkpoints", "device", "tensorboard", "precision", "accumulate", "lr_drop_at",
+     "lr_drop"}
 )
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -91,15 +92,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def learning_rate_factor(train: TrainConfig) -> Callable[[int], float]:
-    """Linear warm-up, then constant or cosine decay to 10% at the last step."""
+    """Linear warm-up, then constant or cosine decay to 10% at the last step; times
+    ``lr_drop`` from step ``lr_drop_at`` on. ``step`` counts the steps already taken: the
+    factor for the step of index ``step``."""
+    drop_at = math.inf if train.lr_drop_at is None else train.lr_drop_at
 
-    def factor(step: int) -> float:
+    def schedule(step: int) -> float:
         if step < train.warmup:
             return (step + 1) / train.warmup
         if train.schedule == "constant":
             return 1.0
         progress = (step - train.warmup) / max(1, train.steps - train.warmup)
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    def factor(step: int) -> float:
+        return schedule(step) * (train.lr_drop if step >= drop_at else 1.0)
 
     return factor
 
@@ -265,6 +272,7 @@ class TrainingLoop(ABC):
             raise CheckpointError(f"checkpoint {loaded.path} has no trainer state to resume from")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._reschedule()
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
@@ -275,6 +283,16 @@ class TrainingLoop(ABC):
             self._restore_memory(empty.load_state_dict(loaded.memory_tensors))
         self.start_step = loaded.step
         self.echo(f"resuming from {loaded.path} at step {self.start_step}")
+
+    def _reschedule(self) -> None:
+        """Set the learning rate of the next step from this run's schedule: the optimizer's
+        saved one came from the schedule at save time, which a resume may have changed
+        (``steps`` for the cosine, ``lr_drop_at``). Unchanged, this is the very same value."""
+        step = self.scheduler.last_epoch
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * factor(step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _local_memory(self) -> Memory | None:
         """The memory of this process's training rows, as checkpoints save it."""
