@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -206,6 +207,50 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_usable(tmp_path
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"half")
     assert load_checkpoint(tmp_path).path.name == "step-00000002"
+
+
+def test_a_run_killed_in_its_first_checkpoint_write_starts_again_and_leftovers_go(tmp_path):
+    """A kill during the first checkpoint write leaves only a hidden temporary directory: no
+    checkpoint to resume, so a new start must be allowed (not refused as "already holds a
+    run"); the next completed checkpoint removes what killed writes left behind, and a metrics
+    line cut short by a kill does not stop a resume."""
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / ".step-00000002.abc").mkdir()
+    (root / ".step-00000002.abc" / "model.safetensors").write_bytes(b"half")
+    (root / ".latest.xyz").write_bytes(b"step-")
+    Trainer(tiny_run(steps=4), tmp_path, progress=False).fit()
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002", "step-00000004"]
+    with open(tmp_path / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 5, "split": "tra')
+    resumed = Trainer(None, tmp_path, resume=True, resume_overrides={"steps": 6},
+                      progress=False)
+    assert resumed.start_step == 4
+    assert all(json.loads(line)["step"] <= 4
+               for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
+
+
+def test_a_deletion_killed_midway_never_leaves_a_damaged_checkpoint(tmp_path, monkeypatch):
+    """Old checkpoints (beyond keep_checkpoints) are deleted; a crash in the middle of that
+    (here: rmtree dies after removing one file) must leave every visible step-N loadable."""
+    Trainer(tiny_run(steps=4, keep_checkpoints=2), tmp_path, progress=False).fit()
+    rmtree = shutil.rmtree
+
+    def dies_midway(path, *args, **kwargs):
+        files = sorted(Path(path).rglob("*.safetensors"))
+        if files:
+            files[0].unlink()
+        raise KeyboardInterrupt("killed while deleting")
+
+    monkeypatch.setattr(shutil, "rmtree", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(None, tmp_path, resume=True, resume_overrides={"steps": 6},
+                progress=False).fit()
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    steps = sorted((tmp_path / "checkpoints").glob("step-*"))
+    assert [p.name for p in steps][-1] == "step-00000006"
+    for directory in steps:
+        load_checkpoint(directory, training_state=True)
 
 
 @pytest.mark.parametrize(

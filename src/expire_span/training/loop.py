@@ -34,6 +34,7 @@ from expire_span.training.checkpoint import (
     load_latest_valid,
     save_checkpoint,
     write_json_atomic,
+    write_text_atomic,
 )
 from expire_span.training.config import RunConfig, TrainConfig, vocab_size
 from expire_span.training.distributed import current
@@ -125,17 +126,25 @@ def apply_resume_overrides(saved: RunConfig, overrides: dict[str, Any]) -> RunCo
     return saved
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a blank one or one a crash cut short."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return None
+
+
 class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl``."""
 
     def __init__(self, path: Path, keep_until_step: int | None) -> None:
         self.path = path
         if keep_until_step is None:
-            path.write_text("")
+            write_text_atomic(path, "")
         elif path.exists():  # drop what was logged after the checkpoint we resume from
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= keep_until_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [line for line in path.read_text().splitlines()
+                    if _step_of(line) is not None and _step_of(line) <= keep_until_step]
+            write_text_atomic(path, "".join(ln + "\n" for ln in kept))  # a crash keeps it whole
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as handle:
@@ -184,7 +193,7 @@ class TrainingLoop(ABC):
             run = apply_resume_overrides(loaded.run, resume_overrides or {})
         elif run is None:
             raise ValueError("a RunConfig is needed unless resuming")
-        elif (self.out_dir / CHECKPOINTS).exists():
+        elif any((self.out_dir / CHECKPOINTS).glob("step-*")):  # not a first write killed
             raise FileExistsError(
                 f"{self.out_dir} already holds a run; continue it with --resume or choose "
                 "another --out"
