@@ -54,3 +54,18 @@ def stream(model: MemoryTransformer, tokens: torch.Tensor, chunk_sizes, memory=N
         start += size
     assert start == tokens.shape[1]
     return torch.cat(logits, dim=1), memory
+
+
+def record_uniforms(model: MemoryTransformer) -> list[list[float]]:
+    """Make every layer's policy record the noise draw ``u`` (``BlockContext.block_uniform``)
+    it is given, one entry per block: ``seen[layer][block]``."""
+    seen: list[list[float]] = [[] for _ in model.layers]
+    for index, layer in enumerate(model.layers):
+        decide = layer.policy.decide
+
+        def recording(context, decide=decide, index=index):
+            seen[index].append(context.block_uniform)
+            return decide(context)
+
+        layer.policy.decide = recording
+    return seen

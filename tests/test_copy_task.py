@@ -42,9 +42,24 @@ def test_scored_positions_predict_the_symbol_k_plus_d_steps_back(task):
         if source >= 0:
             assert batch.targets[row, position] == batch.tokens[row, source]
         assert batch.tokens[row, position] in ([task.go] + list(range(A)))
-    # exactly K scored positions per complete episode
-    per_row = weights.sum(1)
-    assert per_row.max() <= (50 // task.episode_len + 1) * K
+    # Exactly the K positions from each GO on are scored (the GO predicts s1, ..., s_{K-1}
+    # predicts s_K), nothing else: found from the GO tokens of the stream, the 50 tokens before
+    # the batch included (an episode cut by the batch's start is scored in its part).
+    before = task.batch("valid", 1, range(4), 50)
+    episodes = 0
+    for row in range(4):
+        stream = torch.cat([before.tokens[row], batch.tokens[row]]).tolist()
+        expected = [0.0] * 50
+        for go in (i for i, token in enumerate(stream) if token == task.go):
+            for position in range(go - 50, go - 50 + K):
+                if 0 <= position < 50:
+                    expected[position] = 1.0
+            if go - 50 - K - D >= 0 and go - 50 + K <= 50:  # a whole episode in the batch
+                episode = batch.weights[row, go - 50 - K - D:go - 50 + K]
+                assert episode.sum() == K and episode[-K:].sum() == K
+                episodes += 1
+        assert batch.weights[row].tolist() == expected
+    assert episodes >= 4
 
 
 def test_batches_are_a_continuous_stream_per_row(task):

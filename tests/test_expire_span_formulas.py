@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from expire_span.memory import LayerMemory
+from expire_span.model.attention import MultiHeadAttention
 from expire_span.policies import BlockContext
 from expire_span.policies.base import log_mask_bias, ramp_mask
 from expire_span.policies.expire_span import ExpireSpanPolicy, ramp_loss
+from tests import expire_span_reference as reference
 from tests.helpers import tiny_config, tiny_model
 
 L, R, ALPHA = 10, 4, 0.5
@@ -123,16 +125,50 @@ def test_aux_loss_gradient_touches_only_memories_on_the_ramp():
             assert grad[ki].item() > 0
 
 
-def test_mask_attention_equals_renormalised_masked_softmax():
-    """softmax(s + log m) == m * softmax(s) / sum(m * softmax(s)) (SPEC section 2)."""
+@pytest.mark.parametrize("attention", ["dense", "auto"])
+def test_mask_attention_equals_renormalised_masked_softmax(attention):
+    """The library's mask (the policy's decision, ramp columns and all) through its attention
+    layer gives SPEC's ``a = m softmax(s) / sum_j m softmax(s)``, computed here from the hand
+    formulas (tests/expire_span_reference.py): outputs and the gradient through keys, values and
+    spans, in float64 (tolerance 1e-10). Entries of the mask are 1, strictly between, and 0."""
+    policy = make_policy(attention=attention).double().train()
+    set_spans_by_first_channel(policy)
     torch.manual_seed(0)
-    scores = torch.randn(5, 9)
-    mask = torch.rand(5, 9)
-    mask[:, 3] = 0.0
-    bias = mask.clamp_min(torch.finfo(mask.dtype).tiny).log().masked_fill(mask == 0, -math.inf)
-    ours = torch.softmax(scores + bias, dim=-1)
-    plain = torch.softmax(scores, dim=-1) * mask
-    torch.testing.assert_close(ours, plain / plain.sum(-1, keepdim=True))
+    attention_layer = MultiHeadAttention(policy.config).double()
+    inputs = torch.randn(1, len(STEPS), 4, dtype=torch.float64)
+    inputs[0, :, 0] = torch.tensor([logit(span / L) for span in SPANS])
+    inputs.requires_grad_()
+    context = context_for(policy)
+    context.inputs = inputs
+    context.states = LayerMemory(inputs.detach(), context.states.steps, context.states.valid)
+    decision = policy.decide(context)
+    bias = decision.bias.masked_fill(~context.visible.unsqueeze(1), float("-inf"))
+    steps, queries = torch.tensor(STEPS), torch.tensor(QUERY_STEPS)
+    key_values = attention_layer.keys_values(inputs, steps.unsqueeze(0))
+    out = attention_layer(inputs[:, -2:], queries, key_values, bias, decision.bias_grad_index)
+
+    spans = L * torch.sigmoid(inputs[:, :, 0])  # w = (1, 0, 0, 0), b = 0, c = 1
+    age = queries[:, None] - steps[None, :]
+    mask = reference.soft_mask(spans, age, R)
+    assert {0.0, 1.0} <= set(mask[0][age >= 0].tolist()) and ((mask > 0) & (mask < 1)).any()
+    heads = 2
+    q = reference.split_heads(inputs[:, -2:] @ attention_layer.query.weight.T, heads)
+    keys, values = (inputs @ attention_layer.key_value.weight.T).chunk(2, dim=-1)
+    q = reference.rotate(q, queries, policy.config.rope_base).transpose(1, 2)
+    k = reference.rotate(reference.split_heads(keys, heads), steps, policy.config.rope_base)
+    v = reference.split_heads(values, heads).transpose(1, 2)
+    expected = reference.masked_attention(q, k.transpose(1, 2), v, mask, age >= 0)
+    expected = expected.transpose(1, 2).reshape(1, 2, 4) @ attention_layer.out.weight.T
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    weights = torch.randn(out.shape, dtype=torch.float64)
+    grad, = torch.autograd.grad((out * weights).sum(), inputs)
+    expected_grad, = torch.autograd.grad((expected * weights).sum(), inputs, retain_graph=True)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+    # and part of that gradient comes through the mask, i.e. the spans
+    fixed = reference.masked_attention(q, k.transpose(1, 2), v, mask.detach(), age >= 0)
+    fixed = fixed.transpose(1, 2).reshape(1, 2, 4) @ attention_layer.out.weight.T
+    without_mask, = torch.autograd.grad((fixed * weights).sum(), inputs)
+    assert (expected_grad - without_mask).abs().max() > 1e-3
 
 
 def test_noisy_clamps_spans_to_a_fraction_of_max_span_in_training_only():
@@ -217,18 +253,54 @@ def test_decision_without_gradients_equals_the_full_formulas(noisy):
     torch.testing.assert_close(decision.aux_loss, aux)
 
 
-def test_keep_removes_exactly_what_no_future_query_can_see():
-    policy = make_policy()
+def seen_by_future_queries(policy: ExpireSpanPolicy, context: BlockContext) -> torch.Tensor:
+    """``[B, N]`` brute force: which of the context's states some query after the block gives a
+    nonzero attention weight, asking the policy's mask at every later step until L + R past
+    the newest state (spans are a function of the states, so they stay what they are)."""
+    steps = context.states.steps
+    seen = torch.zeros_like(context.states.valid)
+    last = int(steps.max()) + policy.config.max_span + policy.config.ramp + 1
+    for query in range(context.next_step, last + 1):
+        age = (query - steps).unsqueeze(1)  # [B, 1, N]
+        future = BlockContext(context.states, context.inputs, age, age >= 0, next_step=query + 1)
+        seen |= (policy.decide(future).bias[:, 0, 0] > float("-inf")) & context.states.valid
+    return seen
+
+
+@pytest.mark.parametrize("prune", [True, False], ids=["prune", "no-prune"])
+def test_keep_removes_exactly_what_no_future_query_can_see(prune):
+    """The memory kept after a block is exactly (pruning) or at least (no pruning: everything
+    younger than L + R) the set of states a later query attends to, found by running the later
+    queries: the hand spans, and 64 rows of random ones over 20 steps (so that some states are
+    older than L + R; rows with padding), noise off."""
+    policy = make_policy(prune_expired=prune)
     set_spans_by_first_channel(policy)
-    keep = policy.decide(context_for(policy)).keep[0]
-    # next query at step 7: kept iff span - (7 - step) > -R
-    expected = [span - (7 - step) > -R for step, span in zip(STEPS, SPANS, strict=True)]
-    assert keep.tolist() == expected
-    assert not all(expected) and any(expected)
+    hand = context_for(policy)
+    generator = torch.Generator().manual_seed(3)
+    rows, width = 64, 20
+    inputs = torch.randn(rows, width, 4, generator=generator) * 3
+    valid = torch.rand(rows, width, generator=generator) < 0.8
+    valid[:, -2:] = True
+    steps = torch.arange(width).expand(rows, -1)
+    age = torch.tensor([18, 19]).view(1, 2, 1) - steps.unsqueeze(1)
+    random_rows = BlockContext(LayerMemory(inputs, steps, valid), inputs, age,
+                               valid.unsqueeze(1) & (age >= 0), next_step=width)
+    for context in (hand, random_rows):
+        keep = policy.decide(context).keep & context.states.valid
+        seen = seen_by_future_queries(policy, context)
+        assert seen.any() and (~seen & context.states.valid).any()
+        if prune:
+            assert torch.equal(keep, seen)
+        else:  # nothing a query could see is lost, and nothing is kept past L + R
+            assert (keep >= seen).all()
+            assert not (keep & (context.next_step - context.states.steps >= L + R)).any()
+    # by hand: only memory 0 (span 2) goes; step 5 saw it (r = -3), step 7 cannot (r = -5)
+    assert policy.decide(hand).keep[0].tolist() == [not prune] + [True] * 6
 
 
-def test_gradients_reach_span_predictor_through_the_mask():
-    model = tiny_model(alpha=0.0).train()
+@pytest.mark.parametrize("pre_norm", [True, False], ids=["pre-norm", "post-norm"])
+def test_gradients_reach_span_predictor_through_the_mask(pre_norm):
+    model = tiny_model(alpha=0.0, pre_norm=pre_norm).train()
     tokens = torch.randint(0, 13, (2, 40))
     out = model(tokens)
     assert out.aux_loss.item() == 0.0
@@ -238,8 +310,9 @@ def test_gradients_reach_span_predictor_through_the_mask():
         assert layer.policy.span_predictor.bias.grad.abs().sum() > 0
 
 
-def test_gradients_reach_span_predictor_through_the_aux_loss():
-    model = tiny_model(alpha=1.0).train()
+@pytest.mark.parametrize("pre_norm", [True, False], ids=["pre-norm", "post-norm"])
+def test_gradients_reach_span_predictor_through_the_aux_loss(pre_norm):
+    model = tiny_model(alpha=1.0, pre_norm=pre_norm).train()
     out = model(torch.randint(0, 13, (2, 40)))
     assert out.aux_loss.item() > 0
     out.aux_loss.backward()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -34,15 +36,46 @@ def test_token_by_token_generation_gives_the_logits_of_one_block_call(policy):
                                atol=1e-5, rtol=0)
 
 
+def memory_limits(model) -> list[int]:
+    """Per layer, the most memories its policy may hold after a token."""
+    config, limits = model.config, []
+    for layer in model.layers:
+        policy = layer.policy
+        if config.memory == "transformer-xl":  # the window
+            limits.append(config.max_span)
+        elif config.memory == "adaptive-span":  # distances d >= 1 with m(d) > 0: d < z + R
+            reach = math.ceil(float(policy.spans().max().detach()) + config.ramp) - 1
+            limits.append(min(config.max_span, reach))
+        elif config.memory == "compressive":  # FIFO, its incomplete group, compressed slots
+            limits.append(policy.mem_len + policy.rate - 1 + policy.cmem_len)
+        else:  # expire-span: spans e < L, a memory is seen while e - d > -R: d <= L + R - 1
+            limits.append(config.max_span + config.ramp - 1)
+    return limits
+
+
 @pytest.mark.parametrize("policy", available_policies())
 def test_generation_never_lets_memory_exceed_what_the_policy_allows(policy):
-    model = tiny_model(policy, init_percentage=0.5)
-    config = model.config
-    limit = config.max_span + (config.ramp if policy == "expire-span" else 0)
-    largest = 0
+    """Each policy's own limit, not the maximum span: Adaptive-Span its largest learned span
+    plus the ramp, Compressive n_m + c - 1 + n_cm (states leave the FIFO a whole group at a
+    time), Transformer-XL L, Expire-Span L + R - 1 (here every span is 0.99 L, about the
+    longest one can be). A stream read one token per call visits every phase, so each layer
+    reaches its limit exactly."""
+    if policy == "expire-span":
+        model = tiny_model(policy, init_percentage=0.99, varied_spans=False)
+    else:
+        model = tiny_model(policy, init_percentage=0.5)
+    if policy == "adaptive-span":  # spans well inside L, not at whole steps
+        with torch.no_grad():
+            for layer, fractions in zip(model.layers, ([0.2, 0.35, 0.1, 0.05],
+                                                       [0.3, 0.1, 0.25, 0.4]), strict=True):
+                layer.policy.span_fraction.copy_(torch.tensor(fractions))
+    limits = memory_limits(model)
+    if policy in ("adaptive-span", "compressive"):
+        assert max(limits) < model.config.max_span  # far below the maximum span
+    largest = torch.zeros(len(limits), dtype=torch.long)
     for step in generate_stream(model, PROMPT, 120, seed=3):
-        largest = max(largest, int(step.memory.sizes.max()))
-    assert 0 < largest <= limit
+        largest = torch.maximum(largest, step.memory.sizes.max(dim=1).values)
+    assert largest.tolist() == limits
 
 
 def test_banned_tokens_are_never_generated():

@@ -17,10 +17,15 @@ def random_tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 13, (batch, length), generator=generator)
 
 
+NORMS = pytest.mark.parametrize("pre_norm", [True, False], ids=["pre-norm", "post-norm"])
+"""The invariants hold for both residual layouts (``enwik8-12l`` is post-norm)."""
+
+
+@NORMS
 @pytest.mark.parametrize("policy", POLICIES)
-def test_streaming_equals_one_shot(policy):
+def test_streaming_equals_one_shot(policy, pre_norm):
     """One long call, block calls, token-by-token calls and ragged calls agree."""
-    model = tiny_model(policy)
+    model = tiny_model(policy, pre_norm=pre_norm)
     tokens = random_tokens(3, 100)
     with torch.no_grad():
         reference = model(tokens).logits
@@ -73,12 +78,14 @@ def test_reset_forgets_only_the_chosen_samples(policy):
     torch.testing.assert_close(after_reset[:1], fresh, atol=ATOL, rtol=0)
 
 
-def test_pruning_is_exact_and_shrinks_memory():
+@NORMS
+def test_pruning_is_exact_and_shrinks_memory(pre_norm):
     """Eval mode, 25 blocks: pruning expired memories changes no logit, and memory is smaller."""
     tokens = random_tokens(3, 25 * 8, seed=11)
     results = {}
     for prune in (True, False):
-        model = tiny_model("expire-span", seed=4, prune_expired=prune, max_span=64, ramp=8)
+        model = tiny_model("expire-span", seed=4, prune_expired=prune, max_span=64, ramp=8,
+                           pre_norm=pre_norm)
         with torch.no_grad():
             logits, memory = stream(model, tokens, [8] * 25)
         results[prune] = (logits, memory.sizes)
@@ -244,3 +251,42 @@ def test_unknown_policy_and_fields_are_rejected():
         MemoryTransformer(tiny_config(memory="lstm"))
     with pytest.raises(ValueError, match="unknown ModelConfig field"):
         ModelConfig.from_dict({"vocab_size": 3, "spam": 1})
+
+
+@NORMS
+def test_dropout_acts_in_training_only_and_spans_still_learn_through_it(pre_norm):
+    """dropout = 0.3 (embeddings, attention weights, residual branches, feed-forward): in eval
+    mode the model is exactly the dropout-free one; in train mode the outputs change, are
+    reproducible from the random seed, and every parameter (the span predictors through the
+    mask too, alpha = 0) gets a finite gradient over calls with memory."""
+    plain = tiny_model("expire-span", pre_norm=pre_norm, alpha=0.0)
+    model = tiny_model("expire-span", pre_norm=pre_norm, alpha=0.0, dropout=0.3)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value)
+    tokens = random_tokens(3, 40, seed=2)
+    with torch.no_grad():
+        reference, _ = stream(plain, tokens, [8, 16, 16])
+        evaluated, _ = stream(model, tokens, [8, 16, 16])
+    torch.testing.assert_close(evaluated, reference, atol=0, rtol=0)
+
+    model.train()
+    runs = []
+    for seed in (0, 0, 1):
+        model.zero_grad()
+        torch.manual_seed(seed)
+        memory, logits = None, []
+        for part in tokens.split([8, 16, 16], dim=1):
+            out = model(part, memory)
+            out.logits.square().mean().backward()
+            logits.append(out.logits.detach())
+            memory = out.memory
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        runs.append((torch.cat(logits, 1), grads))
+    (first, grads), (again, grads_again), (other, _) = runs
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    assert (first - reference).abs().max() > 1e-3 and (other - first).abs().max() > 1e-3
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+        assert torch.equal(grads_again[name], grad), name
+    for index in range(len(model.layers)):
+        assert grads[f"layers.{index}.policy.span_predictor.weight"].abs().sum() > 0

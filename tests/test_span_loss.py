@@ -3,6 +3,7 @@ losses back until the task is being learned (``train.aux_hold``)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -203,6 +204,44 @@ def test_the_default_hold_has_no_deadline():
     for step in range(99):
         gate.observe(step, 2.0)  # a loss that never falls
     assert gate.scale(99) == 0.0
+
+
+@pytest.mark.parametrize("span_loss", ["ramp", "l1"])
+def test_a_training_step_descends_the_task_loss_plus_the_auxiliary_loss(tmp_path, span_loss):
+    """The gradient of one training step (caught before clipping and the update) equals the
+    gradient, computed here from the same weights and batch, of the mean cross-entropy over
+    the scored positions plus the model's auxiliary loss; and differs from the task loss's
+    alone on the span predictor (so leaving the auxiliary loss out would be seen)."""
+    config = json.loads(json.dumps(TINY))
+    config["model"].update(span_loss=span_loss, alpha=0.5)
+    config["train"].update(aux_hold=0.0, steps=1)
+    trainer = Trainer(RunConfig.from_dict(config), tmp_path, progress=False)
+    start = copy.deepcopy(trainer.model)
+    step_grads = {}
+    backward = trainer._backward
+
+    def catching(loss):
+        backward(loss)
+        step_grads.update({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+
+    trainer._backward = catching
+    trainer._train_step(3)  # batch 3 of the stream (batch 0 scores nothing), no memory yet
+
+    rows, seq_len = trainer.train_cfg.batch_size, trainer.run.seq_len
+    batch = trainer.task.batch("train", 3, range(rows), seq_len)
+    assert batch.weights.sum() > 0
+    out = start.train()(batch.tokens)
+    losses = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), batch.targets.flatten(),
+                                               reduction="none").view_as(batch.weights)
+    task_loss = (losses * batch.weights).sum() / batch.weights.sum()
+    names = [name for name, _ in start.named_parameters()]
+    task_grads = torch.autograd.grad(task_loss, list(start.parameters()), retain_graph=True)
+    total_grads = torch.autograd.grad(task_loss + out.aux_loss, list(start.parameters()))
+    assert step_grads.keys() == set(names)
+    for name, grad in zip(names, total_grads, strict=True):
+        torch.testing.assert_close(step_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    predictor = names.index("layers.0.policy.span_predictor.bias")
+    assert (total_grads[predictor] - task_grads[predictor]).abs().max() > 1e-3
 
 
 def test_gate_state_survives_resume(tmp_path):

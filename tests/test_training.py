@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from expire_span.training import (
     Trainer,
     TrainingDiverged,
     TrainingInterrupted,
+    get_preset,
     load_checkpoint,
 )
 from expire_span.training.checkpoint import sha256
@@ -94,6 +96,53 @@ def test_resume_continues_exactly(tmp_path, memory):
     assert a[-1]["loss"] == pytest.approx(b[-1]["loss"], abs=1e-6)
 
 
+def test_a_learning_rate_drop_continues_a_finished_run_as_if_planned(tmp_path):
+    """The released enwik8 run's second phase: a run planned with its drop at step 4 (lr x 0.1
+    for steps 5 and 6) equals a 4-step run without it continued by --resume with --steps 6
+    --lr-drop-at 4, to the bit, and both log the dropped rate from step 5 on."""
+    planned = Trainer(tiny_run(lr_drop_at=4, log_every=1), tmp_path / "a", progress=False)
+    planned.fit()
+    Trainer(tiny_run(steps=4, log_every=1), tmp_path / "b", progress=False).fit()
+    resumed = Trainer(None, tmp_path / "b", resume=True,
+                      resume_overrides={"steps": 6, "lr_drop_at": 4}, progress=False)
+    resumed.fit()
+    for name, value in params(planned.model).items():
+        torch.testing.assert_close(params(resumed.model)[name], value, atol=0, rtol=0)
+    lr = TINY["train"]["lr"]
+    rates = {run: {r["step"]: r["lr"] for r in read_metrics(tmp_path / run)
+                   if r["split"] == "train"} for run in ("a", "b")}
+    # a record's lr is the rate of the step after it (the scheduler has stepped); run b's
+    # record of step 4 was written before the drop was planned
+    assert rates["a"][3] == rates["b"][3] == rates["b"][4] == pytest.approx(lr)
+    assert rates["a"][4] == pytest.approx(0.1 * lr)
+    assert rates["a"][5] == rates["b"][5] == pytest.approx(0.1 * lr)
+    unplanned = Trainer(tiny_run(log_every=1), tmp_path / "c", progress=False)
+    unplanned.fit()
+    assert any(not torch.equal(params(unplanned.model)[name], value)
+               for name, value in params(planned.model).items())
+
+
+def test_learning_rate_factor_of_the_enwik8_preset():
+    """enwik8-12l: warm-up over 8000 steps, 7e-4 up to step 100k, 7e-5 for the last 10k."""
+    from expire_span.training.loop import learning_rate_factor
+
+    run = RunConfig.from_dict(get_preset("enwik8-12l").config)
+    factor = learning_rate_factor(run.train)
+    rates = {step: run.train.lr * factor(step) for step in (0, 3999, 7999, 8000, 99_999,
+                                                             100_000, 109_999)}
+    assert rates[0] == pytest.approx(7e-4 / 8000) and rates[3999] == pytest.approx(3.5e-4)
+    assert rates[7999] == rates[8000] == rates[99_999] == pytest.approx(7e-4)
+    assert rates[100_000] == rates[109_999] == pytest.approx(7e-5)
+    assert run.train.steps == 110_000
+
+
+@pytest.mark.parametrize("field, value", [("lr_drop_at", -1), ("lr_drop", 0.0),
+                                          ("lr_drop", 1.5)])
+def test_bad_learning_rate_drops_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"train.{field}"):
+        tiny_run(**{field: value})
+
+
 def test_interrupt_saves_a_checkpoint_and_resume_loses_nothing(tmp_path, monkeypatch):
     straight = Trainer(tiny_run(checkpoint_every=100), tmp_path / "a", progress=False)
     straight.fit()
@@ -158,6 +207,50 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_usable(tmp_path
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"half")
     assert load_checkpoint(tmp_path).path.name == "step-00000002"
+
+
+def test_a_run_killed_in_its_first_checkpoint_write_starts_again_and_leftovers_go(tmp_path):
+    """A kill during the first checkpoint write leaves only a hidden temporary directory: no
+    checkpoint to resume, so a new start must be allowed (not refused as "already holds a
+    run"); the next completed checkpoint removes what killed writes left behind, and a metrics
+    line cut short by a kill does not stop a resume."""
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / ".step-00000002.abc").mkdir()
+    (root / ".step-00000002.abc" / "model.safetensors").write_bytes(b"half")
+    (root / ".latest.xyz").write_bytes(b"step-")
+    Trainer(tiny_run(steps=4), tmp_path, progress=False).fit()
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002", "step-00000004"]
+    with open(tmp_path / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 5, "split": "tra')
+    resumed = Trainer(None, tmp_path, resume=True, resume_overrides={"steps": 6},
+                      progress=False)
+    assert resumed.start_step == 4
+    assert all(json.loads(line)["step"] <= 4
+               for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
+
+
+def test_a_deletion_killed_midway_never_leaves_a_damaged_checkpoint(tmp_path, monkeypatch):
+    """Old checkpoints (beyond keep_checkpoints) are deleted; a crash in the middle of that
+    (here: rmtree dies after removing one file) must leave every visible step-N loadable."""
+    Trainer(tiny_run(steps=4, keep_checkpoints=2), tmp_path, progress=False).fit()
+    rmtree = shutil.rmtree
+
+    def dies_midway(path, *args, **kwargs):
+        files = sorted(Path(path).rglob("*.safetensors"))
+        if files:
+            files[0].unlink()
+        raise KeyboardInterrupt("killed while deleting")
+
+    monkeypatch.setattr(shutil, "rmtree", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(None, tmp_path, resume=True, resume_overrides={"steps": 6},
+                progress=False).fit()
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    steps = sorted((tmp_path / "checkpoints").glob("step-*"))
+    assert [p.name for p in steps][-1] == "step-00000006"
+    for directory in steps:
+        load_checkpoint(directory, training_state=True)
 
 
 @pytest.mark.parametrize(

@@ -25,9 +25,10 @@ Rotation = tuple[Tensor, Tensor]
 class RotaryEmbedding(nn.Module):
     """Rotates channel pairs ``(x[:d/2], x[d/2:])`` by ``step * base^(-2k/d)``.
 
-    Angles are computed as ``(step * frequency) mod 2 pi`` in float64, then cos and sin in the
-    working precision: exact at any absolute step (a float32 product would lose the angle beyond
-    a few thousand steps), so keys can be rotated once, at their own step, and cached.
+    Angles are computed as ``(step * frequency) mod 2 pi`` in float64, then cos and sin in
+    float32 (float64 for a float64 model, so that it can be checked against a float64 reference
+    to rounding): exact at any absolute step (a float32 product would lose the angle beyond a few
+    thousand steps), so keys can be rotated once, at their own step, and cached.
     """
 
     inv_freq: Tensor
@@ -41,7 +42,8 @@ class RotaryEmbedding(nn.Module):
         """The rotation at int64 ``steps`` (``[N]`` or ``[B, N]``): full-width
         ``([cos, cos], [-sin, sin])``, ``[..., N, 1, d]``. A block's table serves every layer."""
         angles = steps.unsqueeze(-1).double() * self.inv_freq
-        angles = torch.remainder(angles, 2 * math.pi).float().unsqueeze(-2)  # [..., N, 1, d/2]
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        angles = torch.remainder(angles, 2 * math.pi).to(work).unsqueeze(-2)  # [..., N, 1, d/2]
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 

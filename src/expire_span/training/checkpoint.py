@@ -86,6 +86,11 @@ def write_json_atomic(path: Path, value: Any) -> None:
     _write_atomic(path, text.encode() + b"\n")
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path``'s content all at once: a crash leaves the old content or the new one."""
+    _write_atomic(path, text.encode())
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -129,15 +134,37 @@ def save_checkpoint(
         _write_atomic(tmp / CHECKSUMS_FILE, json.dumps(
             {"sha256": checksums}, indent=2, sort_keys=True).encode() + b"\n")
         if final.exists():
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _write_atomic(root / LATEST, name.encode())
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
+    _remove_leftovers(root)
     return final
+
+
+def _discard(directory: Path) -> None:
+    """Delete a checkpoint so that no half-deleted one is ever seen under its name (a crash
+    during ``rmtree`` would leave a damaged ``step-N``): renamed to a hidden name first
+    (atomic), then removed."""
+    hidden = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.deleted."))
+    os.replace(directory, hidden / directory.name)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Remove what writes and deletions killed midway left behind (hidden ``.step-*``
+    directories, ``.latest.*`` files): with large models each is a checkpoint's worth of disk.
+    Called after a checkpoint is complete, by the only process writing checkpoints."""
+    for entry in root.iterdir():
+        if entry.name.startswith(".step-") and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.startswith(f".{LATEST}.") and entry.is_file():
+            entry.unlink(missing_ok=True)
+
 
 
 def checkpoint_candidates(path: str | Path) -> list[Path]:

@@ -34,6 +34,7 @@ from expire_span.training.checkpoint import (
     load_latest_valid,
     save_checkpoint,
     write_json_atomic,
+    write_text_atomic,
 )
 from expire_span.training.config import RunConfig, TrainConfig, vocab_size
 from expire_span.training.distributed import current
@@ -44,7 +45,8 @@ SUMMARY_FILE = "summary.json"
 RUN_CONFIG_FILE = "config.json"
 RESUMABLE_TRAIN_FIELDS = frozenset(
     {"steps", "eval_every", "eval_batches", "eval_batch_size", "log_every", "checkpoint_every",
-     "keep_checkpoints", "device", "tensorboard", "precision", "accumulate"}
+     "keep_checkpoints", "device", "tensorboard", "precision", "accumulate", "lr_drop_at",
+     "lr_drop"}
 )
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -91,15 +93,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def learning_rate_factor(train: TrainConfig) -> Callable[[int], float]:
-    """Linear warm-up, then constant or cosine decay to 10% at the last step."""
+    """Linear warm-up, then constant or cosine decay to 10% at the last step; times
+    ``lr_drop`` from step ``lr_drop_at`` on. ``step`` counts the steps already taken: the
+    factor for the step of index ``step``."""
+    drop_at = math.inf if train.lr_drop_at is None else train.lr_drop_at
 
-    def factor(step: int) -> float:
+    def schedule(step: int) -> float:
         if step < train.warmup:
             return (step + 1) / train.warmup
         if train.schedule == "constant":
             return 1.0
         progress = (step - train.warmup) / max(1, train.steps - train.warmup)
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    def factor(step: int) -> float:
+        return schedule(step) * (train.lr_drop if step >= drop_at else 1.0)
 
     return factor
 
@@ -118,17 +126,25 @@ def apply_resume_overrides(saved: RunConfig, overrides: dict[str, Any]) -> RunCo
     return saved
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a blank one or one a crash cut short."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return None
+
+
 class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl``."""
 
     def __init__(self, path: Path, keep_until_step: int | None) -> None:
         self.path = path
         if keep_until_step is None:
-            path.write_text("")
+            write_text_atomic(path, "")
         elif path.exists():  # drop what was logged after the checkpoint we resume from
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= keep_until_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [line for line in path.read_text().splitlines()
+                    if _step_of(line) is not None and _step_of(line) <= keep_until_step]
+            write_text_atomic(path, "".join(ln + "\n" for ln in kept))  # a crash keeps it whole
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as handle:
@@ -177,7 +193,7 @@ class TrainingLoop(ABC):
             run = apply_resume_overrides(loaded.run, resume_overrides or {})
         elif run is None:
             raise ValueError("a RunConfig is needed unless resuming")
-        elif (self.out_dir / CHECKPOINTS).exists():
+        elif any((self.out_dir / CHECKPOINTS).glob("step-*")):  # not a first write killed
             raise FileExistsError(
                 f"{self.out_dir} already holds a run; continue it with --resume or choose "
                 "another --out"
@@ -265,6 +281,7 @@ class TrainingLoop(ABC):
             raise CheckpointError(f"checkpoint {loaded.path} has no trainer state to resume from")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._reschedule()
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
@@ -275,6 +292,16 @@ class TrainingLoop(ABC):
             self._restore_memory(empty.load_state_dict(loaded.memory_tensors))
         self.start_step = loaded.step
         self.echo(f"resuming from {loaded.path} at step {self.start_step}")
+
+    def _reschedule(self) -> None:
+        """Set the learning rate of the next step from this run's schedule: the optimizer's
+        saved one came from the schedule at save time, which a resume may have changed
+        (``steps`` for the cosine, ``lr_drop_at``). Unchanged, this is the very same value."""
+        step = self.scheduler.last_epoch
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * factor(step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _local_memory(self) -> Memory | None:
         """The memory of this process's training rows, as checkpoints save it."""
