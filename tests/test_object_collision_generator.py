@@ -244,6 +244,28 @@ def test_the_paper_presets_use_the_release_variant():
         assert run.task_options["variant"] == "release", name
 
 
+def test_the_cpu_preset_needs_more_memory_than_a_short_window_holds():
+    """docs/tasks.md: half the answers of object-collision-cpu lie beyond 256 tokens, four in
+    five within L = 1024."""
+    options = CollisionOptions(**get_preset("object-collision-cpu").config["task_options"])
+    assert (options.variant, options.grid, options.colours) == ("release", 4, 2)
+    tokens, labels = CollisionSimulator(options).simulate("test", np.arange(4), 5000)
+    cells, colour, query = _parse(tokens, options.grid, options.colours)
+    distances = []
+    for s in range(4):
+        last: dict[tuple[int, int], int] = {}
+        for t in range(5000):
+            if (cells[s, t, 0] == cells[s, t, 1]).all():
+                last[(int(colour[s, t, 0]), int(colour[s, t, 1]))] = t
+            if labels[s, t] > 0:  # tokens back to the first token of the collision's frame
+                asked = (int(query[s, t, 0]), int(query[s, t, 1]))
+                distances.append(8 * (t - last[asked]) + 7)
+    distances = np.array(distances)
+    assert len(distances) > 0.95 * 4 * 5000
+    assert 0.4 < np.mean(distances > 256) < 0.65 and 0.7 < np.mean(distances <= 1024) < 0.9
+    assert get_preset("object-collision-cpu").config["model"]["max_span"] == 1024
+
+
 # ---------------------------------------------------------------- constant error, options
 
 def test_constant_error_is_the_error_of_the_most_frequent_label():
