@@ -130,7 +130,8 @@ class CollisionOptions(StreamOptions):
     grid: int = 16
     """Side of the square board, in cells."""
     speed: float = 0.5
-    """Distance a particle moves per frame."""
+    """``release``: standard deviation of each velocity component; ``simple``: distance a
+    particle moves per frame."""
     colour_change: float = 0.05
     """Probability per frame that a particle changes colour."""
     easy_query: float = 0.4
