@@ -8,7 +8,7 @@ time) on ``--reference-frames`` frames.
 (2) For the valid and test splits of a few boards, the label statistics that put an error rate in
 context: the share of labelled frames, the error of the best constant answer, and the error of the
 rule "answer the quadrant of the latest collision of any pair" with unlimited memory and with only
-the last 128 frames (1024 tokens) in view.
+the last 128 frames (1024 tokens) in view (``--statistics-only``: this part alone).
 
     python benchmarks/collision_speed.py
 """
@@ -32,10 +32,13 @@ from expire_span.tasks.object_collision import quadrant  # noqa: E402
 
 BOARDS = {  # name: options (the CPU preset's splits for the small boards)
     "16x16 (paper)": {"valid_frames": 1_000_000, "test_frames": 1_000_000},
-    "8x8 (object-collision-cpu)": {"grid": 8, "valid_frames": 20_000, "test_frames": 20_000,
-                                   "simulation_frames": 10_000},
-    "4x4": {"grid": 4, "valid_frames": 20_000, "test_frames": 20_000,
-            "simulation_frames": 10_000},
+    "16x16, simple variant": {"variant": "simple", "valid_frames": 1_000_000,
+                              "test_frames": 1_000_000},
+    "4x4, 2 colours (object-collision-cpu)": {"grid": 4, "colours": 2, "valid_frames": 20_000,
+                                              "test_frames": 50_000, "simulation_frames": 10_000},
+    "8x8, simple variant (the earlier CPU preset)": {
+        "variant": "simple", "grid": 8, "valid_frames": 20_000, "test_frames": 20_000,
+        "simulation_frames": 10_000},
 }
 
 
@@ -44,8 +47,22 @@ def main() -> None:
     parser.add_argument("--frames", type=int, nargs="+", default=[1_000_000, 5_000_000])
     parser.add_argument("--simulation-frames", type=int, nargs="+", default=[1_000, 50_000])
     parser.add_argument("--reference-frames", type=int, default=5_000)
+    parser.add_argument("--statistics-only", action="store_true",
+                        help="skip the timings, print only the label statistics")
     args = parser.parse_args()
+    if not args.statistics_only:
+        timings(args)
+    print("\n| board | split | labelled frames | best constant error | latest-collision rule "
+          "error | same, last 128 frames only |")
+    print("|---|---|---|---|---|---|")
+    for name, options in BOARDS.items():
+        with tempfile.TemporaryDirectory() as cache:
+            task = build_task("object-collision", {**options, "cache_dir": cache})
+            for split in ("valid", "test"):
+                print(f"| {name} | {split} | " + " | ".join(statistics(task, split)) + " |")
 
+
+def timings(args: argparse.Namespace) -> None:
     print("| generator | frames | seconds | frames / s |")
     print("|---|---|---|---|")
     for frames in args.frames:
@@ -66,15 +83,6 @@ def main() -> None:
     row("step-by-step reference, 1 simulation", args.reference_frames,
         time.perf_counter() - started)
 
-    print("\n| board | split | labelled frames | best constant error | latest-collision rule "
-          "error | same, last 128 frames only |")
-    print("|---|---|---|---|---|---|")
-    for name, options in BOARDS.items():
-        with tempfile.TemporaryDirectory() as cache:
-            task = build_task("object-collision", {**options, "cache_dir": cache})
-            for split in ("valid", "test"):
-                print(f"| {name} | {split} | " + " | ".join(statistics(task, split)) + " |")
-
 
 def row(name: str, frames: int, seconds: float) -> None:
     print(f"| {name} | {frames:,} | {seconds:.2f} | {frames / seconds:,.0f} |")
@@ -93,7 +101,8 @@ def statistics(task, split: str) -> list[str]:
         collided = (tokens[:, 0] == tokens[:, 3]) & (tokens[:, 1] == tokens[:, 4])
         at = np.where(collided, np.arange(frames), -1)
         latest = np.maximum.accumulate(at)  # frame of the latest collision (-1: none yet)
-        answer = np.where(latest >= 0, quadrant(tokens[latest, 0], tokens[latest, 1], grid), 1)
+        cell_x, cell_y = tokens[latest, 0], tokens[latest, 1] - grid  # y tokens are y + grid
+        answer = np.where(latest >= 0, quadrant(cell_x, cell_y, grid), 1)
         recent = np.where(np.arange(frames) - latest <= 128, answer, 1)
         scored = labels > 0
         labelled += int(scored.sum())

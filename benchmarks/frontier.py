@@ -10,8 +10,9 @@ For one task configuration (a preset, plus ``--set section.field=value`` overrid
 
 each in a fresh process with the same budget, then evaluates each on the test split and measures
 the CPU time of a training step of the trained model on one block with its memory (as
-``expire-span bench --checkpoint``). It writes every point (test metric, average memory size
-attended per query on the test stream, ms per block, training seconds, the settings) to
+``expire-span bench --checkpoint``). It writes every point (test metric, the task's baseline such
+as object collision's ``constant_error``, average memory size attended per query on the test
+stream, ms per block, training seconds, the settings) to
 ``--record`` as JSON and draws the metric against memory size and against time per block to
 ``--image``. A point whose run directory holds a finished run is not trained again, so an
 interrupted sweep continues where it stopped.
@@ -104,6 +105,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         record = {
             "task": run.task, "model": policy, "parameter": field, "value": value,
             "max_span": run.model["max_span"], "metric": metric, "test": test[metric],
+            **{name: test[name] for name in ("constant_error",) if name in test},
             "avg_memory_size": test["memory_size"], "train_seconds":
                 summary["train_seconds_this_session"], "steps": summary["steps"],
             "peak_rss_mb": summary["peak_rss_mb"], "seed": args.seed, "run": str(run_dir),

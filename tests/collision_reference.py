@@ -2,8 +2,9 @@
 particle at a time, in plain Python, following the rules written in docs/tasks.md.
 
 It shares only the random draws with the vectorised generator (the counter-based hash, the
-direction table and the colour-pair numbering); the simulation itself is written independently,
-so equal outputs test the vectorised physics, collisions, queries, labels and token layout.
+mapping of a draw to a velocity and the colour-pair numbering); the simulation itself is written
+independently, so equal outputs test the vectorised physics, collisions, queries, labels and token
+layout, in both variants (``release``: ordered colour pairs; ``simple``: unordered).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from expire_span.tasks.object_collision import (
     POSITION,
     QUERY,
     CollisionOptions,
-    direction,
     draw,
     simulation_key,
+    to_velocity,
     uniform,
 )
 
@@ -35,16 +36,17 @@ def reference_simulation(options: CollisionOptions, split: str, simulation: int,
     def rand(frame, particle, purpose, attempt=0):
         return draw(key, frame, particle, purpose, attempt)
 
-    def unit(bits):
-        return [float(c) for c in direction(bits)]
+    def new_velocity(bits):
+        return [float(c) for c in to_velocity(bits, speed, options.variant)]
 
     def inside(x, y):
         return 0 < x < grid - 1 and 0 < y < grid - 1
 
-    pairs = [(a, b) for a in range(colours) for b in range(a, colours)]
+    ordered = options.variant == "release"
+    pairs = [(a, b) for a in range(colours) for b in range(0 if ordered else a, colours)]
     position = [[float(uniform(rand(0, p, POSITION, axis))) * (grid - 1) for axis in (0, 1)]
                 for p in range(n)]
-    velocity = [[speed * c for c in unit(rand(0, p, DIRECTION))] for p in range(n)]
+    velocity = [new_velocity(rand(0, p, DIRECTION)) for p in range(n)]
     colour = [int(rand(0, p, COLOUR)) % colours for p in range(n)]
     last_collision: dict[tuple[int, int], tuple[int, int]] = {}
     most_recent = None
@@ -62,7 +64,7 @@ def reference_simulation(options: CollisionOptions, split: str, simulation: int,
                     norm = math.sqrt(dx * dx + dy * dy)
                     vx, vy = speed * (dx / norm), speed * (dy / norm)
                 else:
-                    vx, vy = (speed * c for c in unit(rand(frame, p, DIRECTION, attempt)))
+                    vx, vy = new_velocity(rand(frame, p, DIRECTION, attempt))
             position[p] = [x + vx, y + vy]
             velocity[p] = [vx, vy]
             if float(uniform(rand(frame, p, CHANGE))) < options.colour_change:
@@ -71,7 +73,9 @@ def reference_simulation(options: CollisionOptions, split: str, simulation: int,
         for p in range(n):
             for q in range(p + 1, n):
                 if cells[p] == cells[q]:
-                    pair = (min(colour[p], colour[q]), max(colour[p], colour[q]))
+                    pair = (colour[p], colour[q])
+                    if not ordered:
+                        pair = (min(pair), max(pair))
                     last_collision[pair] = cells[p]
                     most_recent = pair
         easy = float(uniform(rand(frame, 0, EASY))) < options.easy_query

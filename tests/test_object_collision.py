@@ -13,10 +13,11 @@ from expire_span.tasks.object_collision import CollisionOptions, CollisionSimula
 from expire_span.training import DEFAULT_PRESETS, RunConfig, Trainer, get_preset
 from tests.collision_reference import reference_simulation
 
-OPTION_SETS = [
-    {},  # the paper's: 2 particles, 5 colours, 16x16, speed 0.5
+OPTION_SETS = [  # the release variant on the paper's board: test_object_collision_generator.py
+    {"variant": "simple"},  # 2 particles, 5 colours, 16x16, speed 0.5
     {"particles": 3, "colours": 3, "grid": 6, "speed": 0.9, "colour_change": 0.2, "data_seed": 3},
-    {"particles": 4, "colours": 2, "grid": 4, "speed": 1.2, "easy_query": 0.9, "data_seed": 1},
+    {"particles": 4, "colours": 2, "grid": 4, "speed": 1.2, "easy_query": 0.9, "data_seed": 1,
+     "variant": "simple"},
 ]
 
 

@@ -106,6 +106,12 @@ class SequenceTask(ABC):
         """Task metrics computed from the mean loss (nats) and accuracy of counted positions."""
         return {}
 
+    def baseline_metrics(self, target_counts: np.ndarray) -> dict[str, float]:
+        """Metrics of answers that need no model, from how often each target id occurs among
+        the counted positions of an evaluation (weighted), so that a model's metric can be read
+        against them. None by default."""
+        return {}
+
     @classmethod
     def text_codec(cls, options: Any) -> TextCodec:
         """How text maps to token ids, built from the options alone (no data is read), so that

@@ -1,18 +1,32 @@
-"""Object Collision (``--task object-collision``): SPEC.md section 4, with our definitions where the
-paper's text is not available (all written down in docs/tasks.md).
+"""Object Collision (``--task object-collision``): SPEC.md section 4, in two variants (both written
+down in docs/tasks.md).
+
+``variant="release"`` (the default, and the paper presets') behaves like the authors' released
+generator, where the paper's numbers come from; ``variant="simple"`` is this project's first
+reading of SPEC.md. They differ in two rules:
+
+==================  =========================================  ====================================
+rule                release                                    simple
+==================  =========================================  ====================================
+velocity            each component ``speed * N(0, 1)``,        ``speed`` times a unit vector of
+                    redrawn the same way at a bounce            uniform direction
+colour pairs        ordered: (colour of the lower-numbered     unordered ``a <= b``; random query
+                    particle, colour of the other); a random   uniform over the
+                    query draws both colours independently     ``colours (colours + 1) / 2`` pairs
+                    (``colours ** 2`` pairs)
+==================  =========================================  ====================================
 
 Particles move on a ``grid x grid`` board. Each frame, every particle
 
-1. moves by its velocity (``speed`` per frame in a uniformly random direction); if the move would
-   leave the open square ``(0, grid - 1)^2`` it draws new directions until one stays inside (a
-   bounce); then
+1. moves by its velocity; if the move would leave the open square ``(0, grid - 1)^2`` it draws new
+   velocities until one stays inside (a bounce) and keeps it until the next bounce; then
 2. changes colour with probability ``colour_change`` (to a uniformly drawn colour).
 
 A particle's cell is its position rounded to the nearest integer. Two particles *collide* in a
-frame when they share a cell after moving; the unordered pair of their colours then records that
-cell as its last collision and becomes the most recent colliding pair. The frame then asks about a
-pair of colours: with probability ``easy_query`` the most recent colliding pair (if any), else a
-pair drawn uniformly from all unordered pairs ``a <= b``.
+frame when they share a cell after moving; their colour pair then records that cell as its last
+collision and becomes the most recent colliding pair. The frame then asks about a colour pair:
+with probability ``easy_query`` the most recent colliding pair (if any; else a random one), else a
+random pair.
 
 A frame is ``3 * particles + 2`` tokens: ``x``, ``y + grid``, ``colour + 2 grid`` for each particle,
 then the queried pair ``a + 2 grid + colours``, ``b + 2 grid + colours``. Its last token is labelled
@@ -55,6 +69,12 @@ _angles = 2 * np.pi * np.arange(1 << DIRECTION_BITS) / (1 << DIRECTION_BITS)
 DIRECTIONS = np.stack([np.cos(_angles), np.sin(_angles)], axis=-1)
 """Unit vectors a direction draw picks from (a table, so that every implementation gets
 bit-identical velocities)."""
+RADIUS_BITS = 16
+RADII = np.sqrt(-2.0 * np.log1p(-(np.arange(1 << RADIUS_BITS) + 0.5) / (1 << RADIUS_BITS)))
+"""Quantiles of the Rayleigh distribution (the length of a 2-D standard normal vector) at the
+midpoints of ``2^16`` equal-probability bins: a radius from this table times a uniform direction is
+a Box-Muller draw of two independent N(0, 1) components (truncated at 4.9 sigma, P ~ 1e-5)."""
+VARIANTS = ("release", "simple")
 
 
 def simulation_key(seed: int, split: str, simulation: np.ndarray | int) -> np.ndarray:
@@ -78,9 +98,20 @@ def direction(bits: np.ndarray) -> np.ndarray:
     return DIRECTIONS[(bits & np.uint64((1 << DIRECTION_BITS) - 1)).astype(np.int64)]
 
 
-def colour_pairs(colours: int) -> list[tuple[int, int]]:
-    """Unordered colour pairs ``(a, b)``, ``a <= b``, in the order of their ids."""
-    return [(a, b) for a in range(colours) for b in range(a, colours)]
+def to_velocity(bits: np.ndarray, speed: float, variant: str) -> np.ndarray:
+    """The velocity ``[..., 2]`` a draw gives: ``speed`` times a unit vector (``simple``) or
+    ``speed`` times two independent N(0, 1) components (``release``, as the authors' generator)."""
+    if variant == "simple":
+        return speed * direction(bits)
+    radius = RADII[((bits >> np.uint64(DIRECTION_BITS))
+                    & np.uint64((1 << RADIUS_BITS) - 1)).astype(np.int64)]
+    return (speed * radius)[..., None] * direction(bits)
+
+
+def colour_pairs(colours: int, ordered: bool = False) -> list[tuple[int, int]]:
+    """Colour pairs ``(a, b)`` in the order of their ids: all ``colours ** 2`` when ``ordered``
+    (the release's), else the unordered ones ``a <= b``."""
+    return [(a, b) for a in range(colours) for b in range(0 if ordered else a, colours)]
 
 
 def quadrant(x, y, grid: int):
@@ -89,6 +120,9 @@ def quadrant(x, y, grid: int):
 
 @dataclass
 class CollisionOptions(StreamOptions):
+    variant: str = "release"
+    """``release``: the authors' generator (Gaussian velocity components, ordered colour pairs);
+    ``simple``: fixed speed, unordered pairs (see the module docstring)."""
     particles: int = 2
     """Particles on the board."""
     colours: int = 5
@@ -96,7 +130,8 @@ class CollisionOptions(StreamOptions):
     grid: int = 16
     """Side of the square board, in cells."""
     speed: float = 0.5
-    """Distance a particle moves per frame."""
+    """``release``: standard deviation of each velocity component; ``simple``: distance a
+    particle moves per frame."""
     colour_change: float = 0.05
     """Probability per frame that a particle changes colour."""
     easy_query: float = 0.4
@@ -112,6 +147,9 @@ class CollisionOptions(StreamOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.variant not in VARIANTS:
+            raise ValueError(f"object-collision: variant must be one of {', '.join(VARIANTS)}, "
+                             f"got {self.variant!r}")
         if not 2 <= self.particles <= MAX_PARTICLES:
             raise ValueError(f"object-collision: particles must be in [2, {MAX_PARTICLES}], "
                              f"got {self.particles}")
@@ -134,6 +172,11 @@ class CollisionOptions(StreamOptions):
     def frame_tokens(self) -> int:
         return 3 * self.particles + 2
 
+    @property
+    def ordered_pairs(self) -> bool:
+        """Whether a colour pair is ordered by particle number (the release) or not."""
+        return self.variant == "release"
+
     def frames(self, split: str) -> int:
         return {"train": self.train_frames, "valid": self.valid_frames,
                 "test": self.test_frames}[split]
@@ -145,11 +188,13 @@ class CollisionSimulator:
 
     def __init__(self, options: CollisionOptions) -> None:
         self.options = options
-        pairs = colour_pairs(options.colours)
+        pairs = colour_pairs(options.colours, options.ordered_pairs)
         self.pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
         self.pair_id = np.zeros((options.colours, options.colours), dtype=np.int64)
         for index, (a, b) in enumerate(pairs):
-            self.pair_id[a, b] = self.pair_id[b, a] = index
+            self.pair_id[a, b] = index
+            if not options.ordered_pairs:
+                self.pair_id[b, a] = index
 
     def simulate(
         self, split: str, simulations: np.ndarray, frames: int,
@@ -188,11 +233,14 @@ class CollisionSimulator:
         ) * (opts.grid - 1)
         return {
             "position": position,
-            "velocity": opts.speed * direction(draw(k, 0, particle, DIRECTION)),
+            "velocity": self._velocity(draw(k, 0, particle, DIRECTION)),
             "colour": (draw(k, 0, particle, COLOUR) % np.uint64(opts.colours)).astype(np.int64),
             "last_cell": np.full((len(key), len(self.pairs)), -1, dtype=np.int64),
             "recent": np.full(len(key), -1, dtype=np.int64),
         }
+
+    def _velocity(self, bits: np.ndarray) -> np.ndarray:
+        return to_velocity(bits, self.options.speed, self.options.variant)
 
     def _inside(self, position: np.ndarray) -> np.ndarray:
         return ((position > 0) & (position < self.options.grid - 1)).all(axis=-1)
@@ -200,7 +248,7 @@ class CollisionSimulator:
     def _move(self, key: np.ndarray, state: dict[str, np.ndarray], frame: int) -> np.ndarray:
         """Advance every particle by one frame (with bounces); return the new positions.
 
-        A bouncing particle takes the first of its direction draws 1, 2, ... that stays inside;
+        A bouncing particle takes the first of its velocity draws 1, 2, ... that stays inside;
         the draws are tried ``ATTEMPT_BLOCK`` at a time so that a frame needs few numpy calls.
         """
         opts = self.options
@@ -217,7 +265,7 @@ class CollisionSimulator:
             else:
                 attempts = np.arange(first, min(first + ATTEMPT_BLOCK, MAX_ATTEMPTS + 1))
                 bits = draw(key[sims, None], frame + 1, particles[:, None], DIRECTION, attempts)
-                candidate_velocity = opts.speed * direction(bits)  # [m, attempts, 2]
+                candidate_velocity = self._velocity(bits)  # [m, attempts, 2]
             candidate = here + candidate_velocity
             ok = self._inside(candidate)
             found = ok.any(axis=1)
@@ -326,6 +374,15 @@ class ObjectCollisionTask(StreamTask):
     def derived_metrics(self, loss: float, accuracy: float) -> dict[str, float]:
         """``error``: percentage of labelled positions predicted wrongly (chance: 75)."""
         return {"error": 100.0 * (1.0 - accuracy)}
+
+    def baseline_metrics(self, target_counts: np.ndarray) -> dict[str, float]:
+        """``constant_error``: the error of the best constant answer on the positions evaluated
+        (the most frequent quadrant there, chosen in hindsight): a model that has learned
+        nothing from the past scores this, not 75."""
+        total = float(np.sum(target_counts))
+        if total == 0:
+            return {"constant_error": float("nan")}
+        return {"constant_error": 100.0 * (1.0 - float(np.max(target_counts)) / total)}
 
     def simulation_lengths(self, split: str) -> np.ndarray:
         total, per = self.options.frames(split), self.options.simulation_frames

@@ -28,8 +28,8 @@ def evaluate(
     max_batches: int,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Task metrics on ``split``, plus the average memory size and cache size (over the batches
-    that are scored).
+    """Task metrics on ``split`` (and the task's baseline metrics on the same positions), plus the
+    average memory size and cache size (over the batches that are scored).
 
     The model is put in eval mode (and restored afterwards); memory starts empty and is carried
     from batch to batch, the way the paper evaluates, except for rows the task marks as starting
@@ -38,6 +38,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     accumulator = MetricAccumulator()
+    target_counts = torch.zeros(task.vocab_size, dtype=torch.float64, device=model.device)
     memory, batches, memory_size, cache_size = None, 0, 0.0, 0.0
     total = task.eval_length(split, batch_size, seq_len, max_batches)
     bar = tqdm(total=total, desc=f"eval {split}", disable=not progress, leave=False)
@@ -47,6 +48,8 @@ def evaluate(
             out = model(batch.tokens, forget_restarted_rows(memory, batch))
             memory = out.memory
             accumulator.update(out.logits, batch)
+            target_counts += torch.bincount(batch.targets.flatten(), minlength=task.vocab_size,
+                                            weights=batch.weights.flatten().double())
             if bool(batch.weights.any()):  # warm-up batches are read but not measured
                 memory_size += float(out.memory_size.mean())
                 cache_size += float(memory.sizes.float().mean())
@@ -56,6 +59,7 @@ def evaluate(
         bar.close()
         model.train(was_training)
     metrics = accumulator.result(task)
+    metrics.update(task.baseline_metrics(target_counts.cpu().numpy()))
     metrics["memory_size"] = memory_size / max(batches, 1)
     metrics["cache_size"] = cache_size / max(batches, 1)
     return metrics

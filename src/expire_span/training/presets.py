@@ -107,12 +107,14 @@ def _text_cpu(task: str, description: str, task_options: dict[str, Any]) -> Pres
 
 
 def _collision_gpu(span: int, noisy: bool) -> Preset:
-    """The released Object Collision runs (SPEC.md section 5): 6 layers, d=512, M=256."""
+    """The released Object Collision runs (SPEC.md section 5): 6 layers, d=512, M=256, on the
+    release's generator and board (the task's defaults, spelled out)."""
     return Preset(
         f"object-collision-{span // 1024}k",
         f"object collision with the paper's hyperparameters, max span L={span} (a GPU preset)",
         {
             "task": "object-collision",
+            "task_options": {"variant": "release", "grid": 16, "colours": 5},
             "model": {
                 "d_model": 512, "n_layers": 6, "n_heads": 4, "d_inner": 1024, "block_len": 256,
                 "max_span": span, "dropout": 0.1, "pre_norm": True, "memory": "expire-span",
@@ -159,20 +161,21 @@ _PRESETS += [
     ),
     Preset(
         "object-collision-cpu",
-        "object collision on an 8x8 grid (collisions 4x as frequent as on 16x16), 2M training "
-        "frames, L=1024: a CPU preset",
+        "object collision (the release's generator) on a 4x4 board with 2 colours, L=1024: half "
+        "the answers lie more than 287 tokens back, a fifth beyond 1024; about 20 minutes on a "
+        "CPU core",
         {
             "task": "object-collision",
             "task_options": {
-                "grid": 8, "train_frames": 2_000_000, "valid_frames": 20_000,
-                "test_frames": 20_000, "simulation_frames": 10_000,
+                "variant": "release", "grid": 4, "colours": 2, "train_frames": 2_000_000,
+                "valid_frames": 20_000, "test_frames": 50_000, "simulation_frames": 10_000,
             },
             "model": {
-                "d_model": 64, "n_layers": 2, "n_heads": 4, "block_len": 64, "max_span": 1024,
+                "d_model": 64, "n_layers": 3, "n_heads": 4, "block_len": 64, "max_span": 1024,
                 "ramp": 32, "alpha": 2e-6, "init_percentage": 0.5, "pre_div": 8.0,
             },
             "train": {
-                "steps": 1000, "batch_size": 16, "seq_len": 256, "lr": 2e-3, "warmup": 50,
+                "steps": 1500, "batch_size": 16, "seq_len": 256, "lr": 2e-3, "warmup": 50,
                 "eval_every": 500, "eval_batch_size": 8, "log_every": 50,
                 "checkpoint_every": 500,
             },
