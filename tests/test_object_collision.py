@@ -181,7 +181,9 @@ def test_gpu_presets_are_the_released_runs(span, noisy):
     the settings the library fills in (no pre-division, ramp loss form, no weight decay,
     constant schedule)."""
     config = get_preset(f"object-collision-{span // 1024}k").config
-    assert config["task"] == "object-collision" and set(config) == {"task", "model", "train"}
+    assert config["task"] == "object-collision"
+    assert set(config) == {"task", "task_options", "model", "train"}
+    assert config["task_options"] == {"variant": "release", "grid": 16, "colours": 5}
     assert config["model"] == {**RELEASED_COLLISION_MODEL, "max_span": span, "noisy": noisy}
     assert config["train"] == {**RELEASED_COLLISION_TRAIN, **OUR_CADENCE}
     run = RunConfig.from_dict(config).resolved()  # builds (no data is generated yet)
@@ -189,7 +191,7 @@ def test_gpu_presets_are_the_released_runs(span, noisy):
     assert (options["train_frames"], options["valid_frames"], options["test_frames"]) == (
         50_000_000, 5_000_000, 5_000_000)
     assert (options["particles"], options["colours"], options["grid"], options["speed"],
-            options["colour_change"]) == (2, 5, 16, 0.5, 0.05)
+            options["colour_change"], options["variant"]) == (2, 5, 16, 0.5, 0.05, "release")
     assert run.model["pre_div"] == 1.0 and run.model["span_loss"] == "ramp"
     assert run.model["prune_expired"] and not run.model["tie_embeddings"]
     assert (run.train.weight_decay, run.train.schedule, run.train.accumulate) == (
