@@ -26,7 +26,16 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from peers import cpu_seconds, gpt2, interleaved, machine, medians, one_thread, write_json
+from peers import (
+    add_common_arguments,
+    cpu_seconds,
+    gpt2,
+    interleaved,
+    machine,
+    medians,
+    one_thread,
+    write_json,
+)
 
 from expire_span import MemoryTransformer, ModelConfig
 from expire_span.benchmarking import set_retention
@@ -84,21 +93,14 @@ def ours(memory: str, args: argparse.Namespace) -> MemoryTransformer:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=4)
+    add_common_arguments(parser)
     parser.add_argument("--prompt", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=1024)
     parser.add_argument("--max-span", type=int, default=1024, help="L of our models")
-    parser.add_argument("--block-len", type=int, default=64)
-    parser.add_argument("--ramp", type=int, default=32)
     parser.add_argument("--retention", type=float,
                         help="Expire-Span at this controlled retention (default: fresh model)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--models", nargs="+", default=["gpt2", "transformer-xl", "expire-span"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out")
     args = parser.parse_args()
     one_thread()
 

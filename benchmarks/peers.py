@@ -7,6 +7,7 @@ with the optional ``bench`` extra (``pip install -e '.[bench]'``) and the tests 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -17,6 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """What both peer comparisons take: the model shape (ours and the peer get the same one),
+    the interleaved repeats, the seed and the JSON output."""
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--block-len", type=int, default=64)
+    parser.add_argument("--ramp", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the figures to this JSON file")
 
 
 def one_thread() -> None:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from peers import (
+    add_common_arguments,
     cpu_seconds,
     interleaved,
     machine,
@@ -106,20 +107,13 @@ def peer(max_mem_len: int, args: argparse.Namespace) -> Callable[[], float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--block-len", type=int, default=64)
-    parser.add_argument("--ramp", type=int, default=32)
+    add_common_arguments(parser)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--spans", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--retentions", type=float, nargs="+", default=[0.05, 0.25])
     parser.add_argument("--full", type=int, nargs="*", default=[1024, 4096],
                         help="the L at which XL with window L is also compared")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out")
     args = parser.parse_args()
     one_thread()
 

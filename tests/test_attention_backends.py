@@ -65,9 +65,15 @@ def run_expire_span(backend: str, chunks: list[int], noisy: bool, counter: list[
                     **overrides):
     """Train-mode calls of the given sizes, memory carried, the loss of every call backpropagated
     (memories are detached between calls, so the gradients add up)."""
-    tokens = torch.randint(0, 13, (3, sum(chunks)), generator=torch.Generator().manual_seed(4))
     model = tiny_model("expire-span", seed=3, attention=backend, noisy=noisy, **overrides).train()
     torch.manual_seed(7)  # the noisy spans' per-block draws
+    return train_calls(model, chunks)
+
+
+def train_calls(model, chunks: list[int]):
+    """Logits of train-mode calls of the given sizes on a fixed token stream, memory carried and
+    each call's loss backpropagated; the summed gradients and the final memory."""
+    tokens = torch.randint(0, 13, (3, sum(chunks)), generator=torch.Generator().manual_seed(4))
     memory, logits, start = None, [], 0
     for size in chunks:
         out = model(tokens[:, start:start + size], memory)
@@ -155,7 +161,6 @@ def test_adaptive_span_ramp_path_matches_dense(monkeypatch, chunks):
     fused = attention_module.ramp_bias_attention
     monkeypatch.setattr(attention_module, "ramp_bias_attention",
                         lambda *args: calls.append(args[3].shape[1]) or fused(*args))
-    tokens = torch.randint(0, 13, (3, sum(chunks)), generator=torch.Generator().manual_seed(4))
     results = {}
     for backend in ("dense", "auto"):
         with monkeypatch.context() as patch:
@@ -167,14 +172,7 @@ def test_adaptive_span_ramp_path_matches_dense(monkeypatch, chunks):
             with torch.no_grad():  # one head whose ramp crosses the window's end L
                 for layer in model.layers:
                     layer.policy.span_fraction[0] = 0.95
-            logits, memory, start = [], None, 0
-            for size in chunks:
-                out = model(tokens[:, start:start + size], memory)
-                (out.logits.square().mean() + out.aux_loss).backward()
-                logits.append(out.logits.detach())
-                memory, start = out.memory, start + size
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results[backend] = torch.cat(logits, dim=1), grads
+            results[backend] = train_calls(model, chunks)[:2]
         if backend == "dense":
             assert not calls
     assert calls == [4] * (2 * sum(-(-size // 8) for size in chunks))  # per-head bias, every call
