@@ -192,3 +192,24 @@ def test_transformer_built_for_an_agent_is_a_plain_memory_transformer():
     agent = tiny_agent("transformer-xl", task)
     assert isinstance(agent.transformer, MemoryTransformer)
     assert agent.config.vocab_size == sum(task.observation_sizes) + task.num_actions + 1
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_row_memory_sizes_are_each_samples_own(policy, attention):
+    """``row_memory_size`` counts what each sample attended: it averages to ``memory_size``, and
+    a sample whose memory was just reset attended nothing while the others saw their window."""
+    model = tiny_model(policy, attention=attention, block_len=1)
+    tokens = torch.randint(0, 13, (3, 31), generator=torch.Generator().manual_seed(2))
+    memory = None
+    with torch.no_grad():
+        for t in range(30):
+            memory = model.encode(model.embedding(tokens[:, t : t + 1]), memory).memory
+        memory = memory.reset(torch.tensor([False, True, False]))
+        out = model.encode(model.embedding(tokens[:, 30:]), memory)
+    rows = out.row_memory_size
+    assert rows.shape == (len(model.layers), 3)
+    torch.testing.assert_close(rows.mean(dim=1), out.memory_size, atol=1e-5, rtol=0)
+    assert (rows[:, 1] == 0).all() and (rows[:, 0] > 0).all() and (rows[:, 2] > 0).all()
+    if policy == "transformer-xl":  # the window: exactly L earlier steps
+        assert rows[:, 0].tolist() == [24.0] * len(model.layers)
