@@ -213,3 +213,59 @@ def test_row_memory_sizes_are_each_samples_own(policy, attention):
     assert (rows[:, 1] == 0).all() and (rows[:, 0] > 0).all() and (rows[:, 2] > 0).all()
     if policy == "transformer-xl":  # the window: exactly L earlier steps
         assert rows[:, 0].tolist() == [24.0] * len(model.layers)
+
+
+def test_carried_memory_streams_episodes_with_increasing_steps():
+    """With ``carry_memory`` an environment's memory survives its episode ends: the next
+    episode's steps attend to the previous episode's memories, whose absolute steps lie before
+    the episode start, and the step counter never goes back. The episode start stays visible:
+    the previous action is "none" exactly at the first step of every episode."""
+    task = build_task("corridor", {"min_length": 3, "max_length": 5})
+    agent = tiny_agent("transformer-xl", task)  # window 16: keeps every memory of 3 episodes
+    runner = EnvRunner(task.vector_env(2), agent, task.seeds(0, "train", 2), carry_memory=True)
+    starts, ended = [0], False
+    with torch.no_grad():
+        for step in range(40):
+            first = bool(runner.prev_actions[0] == task.num_actions)
+            assert first == (step == starts[-1])
+            record = runner.step(agent, sampler(torch.Generator().manual_seed(step)))
+            assert runner.memory.next_step == step + 1
+            if bool(record.done[0]):
+                starts.append(step + 1)
+                ended = True
+            elif ended:  # a later episode: memories from before its start are still there
+                steps = runner.memory.layers[0].steps[0][runner.memory.layers[0].valid[0]]
+                assert int(steps.min()) < starts[-1] <= int(steps.max())
+    assert len(starts) >= 3
+    assert int(runner.memory.sizes[:, 0].min()) == 16  # the full window, across episodes
+
+
+@pytest.mark.parametrize("policy", ["expire-span", "transformer-xl"])
+def test_replay_recomputes_a_carried_rollout_exactly(policy):
+    """The replay applies the acting run's memory rule: carried memory is not reset at episode
+    ends (replaying with resets would change the steps after them)."""
+    task = build_task("corridor", {"min_length": 2, "max_length": 5})
+    agent = tiny_agent(policy, task)
+    runner = EnvRunner(task.vector_env(4), agent, task.seeds(3, "train", 4), carry_memory=True)
+    with torch.no_grad():
+        for _ in range(7):
+            runner.step(agent, greedy)
+        start = runner.memory
+        records = [runner.step(agent, sampler(torch.Generator().manual_seed(0)))
+                   for _ in range(20)]
+    assert sum(int(r.done.sum()) for r in records) >= 4
+
+    def stacked(name):
+        return torch.stack([getattr(r, name) for r in records])
+
+    rollout = Rollout(
+        memory=start, observations=stacked("observations"), prev_actions=stacked("prev_actions"),
+        prev_rewards=stacked("prev_rewards"), actions=stacked("actions"),
+        log_probs=torch.zeros(20, 4), values=torch.zeros(20, 4), rewards=stacked("rewards"),
+        dones=stacked("done"), last_value=torch.zeros(4),
+        resets=torch.zeros(20, 4, dtype=torch.bool),
+    )
+    agent.train()
+    logits, _, _ = replay(agent, rollout)
+    torch.testing.assert_close(logits, torch.stack([r.output.logits[:, 0] for r in records]),
+                               atol=ATOL, rtol=0)

@@ -180,12 +180,14 @@ def _rl_preset(name: str, description: str, task: str, task_options: dict[str, A
                model: dict[str, Any], train: dict[str, Any]) -> Preset:
     """A reinforcement-learning preset over what the CPU RL presets share: a tiny agent (d=32,
     2 heads, one step per call, so the block length only bounds L), spans starting at 0.6 L (longer
-    than any episode: see docs/rl.md), PPO with the default ``rl`` settings and a cosine decay."""
+    than any episode: see docs/rl.md; Adaptive-Span starts at the same span, from the span rule),
+    the auxiliary loss from the first update (no hold, as before the hold existed), PPO with the
+    default ``rl`` settings and a cosine decay."""
     shared_model = {"d_model": 32, "n_layers": 1, "n_heads": 2, "block_len": 4, "ramp": 8,
                     "alpha": 1e-3, "init_percentage": 0.6, "pre_div": 8.0}
     shared_train = {"steps": 300, "batch_size": 32, "seq_len": 32, "lr": 5e-4, "warmup": 0,
                     "schedule": "cosine", "adam_eps": 1e-5, "eval_every": 25, "eval_batches": 4,
-                    "log_every": 10, "checkpoint_every": 50}
+                    "log_every": 10, "checkpoint_every": 50, "aux_hold": 0.0}
     return Preset(name, description, {
         "task": task, "task_options": task_options, "model": {**shared_model, **model},
         "train": {**shared_train, **train}, "rl": {},

@@ -113,11 +113,12 @@ class RLTask:
             gym.register(id=cls.env_id, entry_point=cls.env_class)
 
     @property
-    def dependency_length(self) -> int:
+    def dependency_length(self) -> int | None:
         """The longest distance (in steps) from a decision back to the observation it needs,
-        within an episode. The span rule (:mod:`expire_span.training.span_rule`) starts spans
-        above it, and Adaptive-Span at the same span as Expire-Span."""
-        raise NotImplementedError
+        within an episode (``None``: unknown). The span rule
+        (:mod:`expire_span.training.span_rule`) starts spans above it, and Adaptive-Span at the
+        same span as Expire-Span."""
+        return None
 
     def decision_steps(self, observations: np.ndarray) -> np.ndarray:
         """``[B]`` bool: which of these observations (``[B, F]``, what the agent reads) ask for
