@@ -254,3 +254,16 @@ def test_cli_help_lists_task_and_rl_flags(capsys):
         main(["train", "--task", "copy", "--help"])
     assert "--entropy-coef" not in capsys.readouterr().out
 
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--min-length", "0"], "corridor: need 1 <= min_length <= max_length, got 0, 200"),
+    (["--min-length", "150", "--max-length", "120"], "corridor: need 1 <= min_length"),
+    (["--max-length", "600"], "max_span L=512 is too short for a dependency of 600 steps"),
+])
+def test_cli_refuses_bad_corridor_lengths_in_one_line(tmp_path, capsys, flags, message):
+    argv = ["train", "--no-progress", "--preset", "corridor-long", "--out", str(tmp_path / "r"),
+            "--steps", "1", "--eval-batches", "1", "--batch-size", "2",  # short if not refused
+            *flags]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
