@@ -251,8 +251,13 @@ _PRESETS += [
     _rl_stream_preset(
         "corridor-long",
         "corridor of 100-200 steps, memory carried across episodes, L=512, spans from the span "
-        "rule (start 256, above the longest cue distance), l1 span loss: a CPU preset (hours)",
-        "corridor", {"colours": 2, "min_length": 100, "max_length": 200}, {"max_span": 512}, {},
+        "rule (start 256, above the longest cue distance), l1 span loss: 1-2 hours on 2 CPU "
+        "cores",
+        "corridor", {"colours": 2, "min_length": 100, "max_length": 200}, {"max_span": 512},
+        # lr 2e-3 learned the 10-20-step version of this preset in ~90 updates, 5e-4 in ~170
+        # (docs/rl.md, "Feasibility"); the hold lasts up to 3/4 of the run, as a span loss
+        # released before the cue is used would shrink the cue's span below the corridor
+        {"steps": 800, "lr": 2e-3, "aux_hold_until": 0.75},
     ),
     _rl_stream_preset(
         "instruction-long",
