@@ -192,3 +192,80 @@ def test_transformer_built_for_an_agent_is_a_plain_memory_transformer():
     agent = tiny_agent("transformer-xl", task)
     assert isinstance(agent.transformer, MemoryTransformer)
     assert agent.config.vocab_size == sum(task.observation_sizes) + task.num_actions + 1
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_row_memory_sizes_are_each_samples_own(policy, attention):
+    """``row_memory_size`` counts what each sample attended: it averages to ``memory_size``, and
+    a sample whose memory was just reset attended nothing while the others saw their window."""
+    model = tiny_model(policy, attention=attention, block_len=1)
+    tokens = torch.randint(0, 13, (3, 31), generator=torch.Generator().manual_seed(2))
+    memory = None
+    with torch.no_grad():
+        for t in range(30):
+            memory = model.encode(model.embedding(tokens[:, t : t + 1]), memory).memory
+        memory = memory.reset(torch.tensor([False, True, False]))
+        out = model.encode(model.embedding(tokens[:, 30:]), memory)
+    rows = out.row_memory_size
+    assert rows.shape == (len(model.layers), 3)
+    torch.testing.assert_close(rows.mean(dim=1), out.memory_size, atol=1e-5, rtol=0)
+    assert (rows[:, 1] == 0).all() and (rows[:, 0] > 0).all() and (rows[:, 2] > 0).all()
+    if policy == "transformer-xl":  # the window: exactly L earlier steps
+        assert rows[:, 0].tolist() == [24.0] * len(model.layers)
+
+
+def test_carried_memory_streams_episodes_with_increasing_steps():
+    """With ``carry_memory`` an environment's memory survives its episode ends: the next
+    episode's steps attend to the previous episode's memories, whose absolute steps lie before
+    the episode start, and the step counter never goes back. The episode start stays visible:
+    the previous action is "none" exactly at the first step of every episode."""
+    task = build_task("corridor", {"min_length": 3, "max_length": 5})
+    agent = tiny_agent("transformer-xl", task)  # window 16: keeps every memory of 3 episodes
+    runner = EnvRunner(task.vector_env(2), agent, task.seeds(0, "train", 2), carry_memory=True)
+    starts, ended = [0], False
+    with torch.no_grad():
+        for step in range(40):
+            first = bool(runner.prev_actions[0] == task.num_actions)
+            assert first == (step == starts[-1])
+            record = runner.step(agent, sampler(torch.Generator().manual_seed(step)))
+            assert runner.memory.next_step == step + 1
+            if bool(record.done[0]):
+                starts.append(step + 1)
+                ended = True
+            elif ended:  # a later episode: memories from before its start are still there
+                steps = runner.memory.layers[0].steps[0][runner.memory.layers[0].valid[0]]
+                assert int(steps.min()) < starts[-1] <= int(steps.max())
+    assert len(starts) >= 3
+    assert int(runner.memory.sizes[:, 0].min()) == 16  # the full window, across episodes
+
+
+@pytest.mark.parametrize("policy", ["expire-span", "transformer-xl"])
+def test_replay_recomputes_a_carried_rollout_exactly(policy):
+    """The replay applies the acting run's memory rule: carried memory is not reset at episode
+    ends (replaying with resets would change the steps after them)."""
+    task = build_task("corridor", {"min_length": 2, "max_length": 5})
+    agent = tiny_agent(policy, task)
+    runner = EnvRunner(task.vector_env(4), agent, task.seeds(3, "train", 4), carry_memory=True)
+    with torch.no_grad():
+        for _ in range(7):
+            runner.step(agent, greedy)
+        start = runner.memory
+        records = [runner.step(agent, sampler(torch.Generator().manual_seed(0)))
+                   for _ in range(20)]
+    assert sum(int(r.done.sum()) for r in records) >= 4
+
+    def stacked(name):
+        return torch.stack([getattr(r, name) for r in records])
+
+    rollout = Rollout(
+        memory=start, observations=stacked("observations"), prev_actions=stacked("prev_actions"),
+        prev_rewards=stacked("prev_rewards"), actions=stacked("actions"),
+        log_probs=torch.zeros(20, 4), values=torch.zeros(20, 4), rewards=stacked("rewards"),
+        dones=stacked("done"), last_value=torch.zeros(4),
+        resets=torch.zeros(20, 4, dtype=torch.bool),
+    )
+    agent.train()
+    logits, _, _ = replay(agent, rollout)
+    torch.testing.assert_close(logits, torch.stack([r.output.logits[:, 0] for r in records]),
+                               atol=ATOL, rtol=0)

@@ -374,3 +374,85 @@ def test_bad_options_are_rejected_with_a_clear_message():
         env = CorridorEnv()
         env.reset(seed=0)
         env.step(7)
+
+
+# ----------------------------------------------------------------------------- long episodes
+
+
+def test_long_corridor_shows_the_cue_only_at_its_first_step():
+    """Corridors of 100-200 steps: one cue, then nothing but corridor cells until the junction,
+    which comes exactly N steps after the cue; the cue's exit pays, the other does not."""
+    env = CorridorEnv(colours=2, min_length=100, max_length=200)
+    assert env.options.limit == 402
+    lengths = set()
+    for seed in range(20):
+        observation, info = env.reset(seed=seed)
+        cue, length = int(observation[0]), info["length"]
+        assert cue == env.cue < 2 and 100 <= length <= 200
+        lengths.add(length)
+        tokens = [int(env.step(0)[0][0]) for _ in range(length)]
+        assert tokens == [2] * (length - 1) + [3]  # corridor = C, junction = C + 1
+        saved = env.get_state()
+        _, reward, terminated, _, info = env.step(1 + (1 - cue))
+        assert (reward, terminated, info["success"]) == (0.0, True, 0.0)
+        env.set_state(saved)
+        _, reward, terminated, _, info = env.step(1 + cue)
+        assert (reward, terminated, info["success"]) == (1.0, True, 1.0)
+    assert len(lengths) > 10
+
+
+def test_long_instruction_delay_shows_the_instruction_once():
+    env = InstructionEnv(colours=3, objects=3, choices=3, min_delay=50, max_delay=100)
+    delays = set()
+    for seed in range(10):
+        observation, _ = env.reset(seed=seed)
+        assert observation[0] == INSTRUCTION and 50 <= env.delay <= 100
+        delays.add(env.delay)
+        phases = [int(env.step(0)[0][0]) for _ in range(env.delay + 1)]
+        assert phases == [DISTRACTOR] * env.delay + [CHOICE]
+        *_, info = env.step(instruction_oracle(env))
+        assert info["success"] == 1.0
+    assert len(delays) > 5
+
+
+def test_long_portal_episode_holds_many_trials_on_one_map():
+    env = PortalEnv(rooms=4, portals=3, episode_steps=128)
+    env.reset(seed=1)
+    destinations = env.destinations.copy()
+    total = 0.0
+    for _ in range(127):
+        _, reward, terminated, _, _ = env.step(portal_oracle(env))
+        total += reward
+        assert not terminated
+    np.testing.assert_array_equal(env.destinations, destinations)  # the map stays
+    *_, terminated, _, info = env.step(portal_oracle(env))
+    assert terminated and info["trials"] >= 40 and info["success"] == 1.0
+
+
+def test_decision_steps_and_dependency_lengths():
+    corridor = build_task("corridor", {"colours": 3, "min_length": 100, "max_length": 150})
+    observations = np.array([[0], [3], [4], [2], [4]])  # cue, corridor, junction, cue, junction
+    assert corridor.decision_steps(observations).tolist() == [False, False, True, False, True]
+    assert corridor.dependency_length == 150
+    instruction = build_task("instruction", {"min_delay": 5, "max_delay": 9})
+    phases = np.zeros((3, len(instruction.observation_sizes)), dtype=np.int64)
+    phases[:, 0] = [INSTRUCTION, DISTRACTOR, CHOICE]
+    assert instruction.decision_steps(phases).tolist() == [False, False, True]
+    assert instruction.dependency_length == 10
+    portal = build_task("portal", {"episode_steps": 40})
+    assert portal.decision_steps(np.zeros((2, 3), dtype=np.int64)).tolist() == [True, True]
+    assert portal.dependency_length == 39
+
+
+@pytest.mark.parametrize(("cls", "options", "message"), [
+    (CorridorEnv, {"min_length": 100.5, "max_length": 200}, "corridor: min_length must be an "
+                                                             "integer, got 100.5"),
+    (CorridorEnv, {"max_length": True}, "corridor: max_length must be an integer"),
+    (CorridorEnv, {"min_length": 0, "max_length": 200}, "corridor: need 1 <= min_length"),
+    (CorridorEnv, {"min_length": 200, "max_length": 100}, "corridor: need 1 <= min_length"),
+    (InstructionEnv, {"max_delay": 20.0}, "instruction: max_delay must be an integer"),
+    (PortalEnv, {"episode_steps": "128"}, "portal: episode_steps must be an integer"),
+])
+def test_non_integer_and_bad_lengths_are_refused(cls, options, message):
+    with pytest.raises(ValueError, match=message):
+        cls(**options)

@@ -9,7 +9,10 @@ import torch
 
 from expire_span.cli import main
 from expire_span.training import RLTrainer, RunConfig, get_preset, load_checkpoint
-from expire_span.training.rollout import evaluate_agent
+from expire_span.training.config import vocab_size
+from expire_span.training.ppo import Rollout, replay
+from expire_span.training.presets import PRESETS
+from expire_span.training.rollout import Episode, evaluate_agent
 
 TINY = {
     "task": "corridor",
@@ -17,14 +20,17 @@ TINY = {
     "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "block_len": 2, "max_span": 8,
               "ramp": 2, "init_percentage": 0.9},
     "train": {"steps": 4, "batch_size": 3, "seq_len": 5, "lr": 1e-3, "warmup": 0,
-              "eval_every": 2, "eval_batches": 2, "log_every": 2, "checkpoint_every": 2},
+              "eval_every": 2, "eval_batches": 2, "log_every": 2, "checkpoint_every": 2,
+              "aux_hold": 0.0},  # runs extended on resume must not depend on the hold's end
     "rl": {"epochs": 2},
 }
 
 
-def tiny_run(**train) -> RunConfig:
+def tiny_run(rl: dict | None = None, model: dict | None = None, **train) -> RunConfig:
     config = json.loads(json.dumps(TINY))
     config["train"].update(train)
+    config["rl"].update(rl or {})
+    config["model"].update(model or {})
     return RunConfig.from_dict(config)
 
 
@@ -57,7 +63,9 @@ def test_training_writes_metrics_checkpoints_and_a_summary(tmp_path):
     assert [r["step"] for r in records if r["split"] == "valid"] == [2, 4]
     for record in train:
         assert {"success_rate", "mean_return", "episodes", "policy_loss", "value_loss", "entropy",
-                "aux_loss", "memory_size", "cache_size", "lr", "env_steps_per_s"} <= set(record)
+                "aux_loss", "aux_weight", "memory_size", "memory_at_decision", "cache_size", "lr",
+                "env_steps_per_s"} <= set(record)
+    assert "memory_at_decision" in summary and "memory_at_decision" in summary["metrics"]
     files = {p.name for p in (tmp_path / "checkpoints" / "step-00000004").iterdir()}
     assert files == {"model.safetensors", "config.json", "trainer.pt", "memory.safetensors",
                      "checksums.json"}
@@ -65,10 +73,12 @@ def test_training_writes_metrics_checkpoints_and_a_summary(tmp_path):
     assert recorded["rl"]["gamma"] == 0.99 and recorded["rl"]["epochs"] == 2
 
 
-def test_resume_continues_exactly(tmp_path):
-    straight = RLTrainer(tiny_run(), tmp_path / "a", progress=False)
+@pytest.mark.parametrize("carry", [False, True], ids=["reset", "carried"])
+def test_resume_continues_exactly(tmp_path, carry):
+    rl = {"carry_memory": carry}
+    straight = RLTrainer(tiny_run(rl), tmp_path / "a", progress=False)
     straight.fit()
-    RLTrainer(tiny_run(steps=2), tmp_path / "b", progress=False).fit()
+    RLTrainer(tiny_run(rl, steps=2), tmp_path / "b", progress=False).fit()
     resumed = RLTrainer(None, tmp_path / "b", resume=True, progress=False,
                         resume_overrides={"steps": 4})
     assert resumed.start_step == 2
@@ -77,7 +87,7 @@ def test_resume_continues_exactly(tmp_path):
         torch.testing.assert_close(params(resumed.model)[name], value, atol=0, rtol=0)
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [r for r in a if r["split"] == "valid"] == [r for r in b if r["split"] == "valid"]
-    keys = ("step", "episodes", "success_rate", "policy_loss", "memory_size")
+    keys = ("step", "episodes", "success_rate", "policy_loss", "memory_size", "aux_weight")
     assert ([[r[k] for k in keys] for r in a if r["split"] == "train"]
             == [[r[k] for k in keys] for r in b if r["split"] == "train"])
 
@@ -118,6 +128,97 @@ def test_rl_options_are_refused_for_sequence_tasks():
         RunConfig.from_dict({**TINY, "rl": {"gamma": 1.5}}).resolved()
 
 
+# ----------------------------------------------------------------------------- memory and spans
+
+
+def span_bias_change(tmp_path, alpha: float, aux_hold: float) -> float:
+    """How much one PPO update moved the span predictor's bias (l1 span loss: the auxiliary
+    loss is alpha x the new memories' spans, non-zero whatever the ramp)."""
+    run = tiny_run({"epochs": 1}, {"span_loss": "l1", "alpha": alpha}, aux_hold=aux_hold,
+                   aux_hold_until=1.0)
+    trainer = RLTrainer(run, tmp_path / f"{alpha}-{aux_hold}", progress=False)
+    bias = trainer.model.transformer.layers[0].policy.span_predictor.bias
+    before = float(bias.detach())
+    trainer._train_step(0)
+    return float(bias.detach()) - before
+
+
+def test_ppo_objective_includes_the_auxiliary_loss(tmp_path):
+    """With a large alpha the update shrinks the spans (the bias falls by about lr, Adam's first
+    step); without it, it does not move that way: the aux loss is part of what is minimised."""
+    lr = TINY["train"]["lr"]
+    with_aux = span_bias_change(tmp_path, alpha=1.0, aux_hold=0.0)
+    without = span_bias_change(tmp_path, alpha=0.0, aux_hold=0.0)
+    assert with_aux < without - 0.5 * lr
+
+
+def test_ppo_holds_the_auxiliary_loss_until_failures_fall(tmp_path):
+    """While the gate holds (train.aux_hold), the auxiliary loss has no weight: the first update
+    moves the spans exactly as with alpha = 0."""
+    held = span_bias_change(tmp_path, alpha=1.0, aux_hold=0.5)
+    assert held == span_bias_change(tmp_path, alpha=0.0, aux_hold=0.5)
+
+
+def test_the_gate_opens_when_the_failure_rate_halves(tmp_path):
+    trainer = RLTrainer(tiny_run(aux_hold=0.5, aux_hold_until=1.0, aux_ramp=0, steps=100),
+                        tmp_path, progress=False)
+    gate = trainer.aux_gate
+    episode = Episode(0, 0.0, 3, 0.0)
+    trainer._observe_failures(0, Rollout(*[None] * 10, finished=[episode, episode]))
+    assert gate.opened_at is None and gate.start_loss == 1.0  # every episode failed
+    trainer._observe_failures(1, Rollout(*[None] * 10))  # none finished: nothing observed
+    assert gate.smoothed == 1.0
+    success = Episode(0, 1.0, 3, 1.0)
+    for step in range(2, 12):
+        trainer._observe_failures(step, Rollout(*[None] * 10, finished=[success]))
+        if gate.opened_at is not None:
+            break
+    assert gate.opened_at == step + 1 and gate.smoothed <= 0.5  # 0.9^k <= 0.5 at k = 7
+    assert step == 8 and gate.scale(step + 1) == 1.0
+
+
+def test_carried_training_replays_what_it_acted_and_keeps_memory(tmp_path):
+    trainer = RLTrainer(tiny_run({"carry_memory": True}, steps=1), tmp_path, progress=False)
+    rollout = trainer.collect()
+    assert bool(rollout.dones.any()) and not bool(rollout.resets.any())
+    assert int(trainer.memory.sizes.min()) > 0  # nothing was forgotten at the episode ends
+    trainer.model.train()
+    logits, _, _ = replay(trainer.model, rollout)
+    new = torch.log_softmax(logits, -1).gather(-1, rollout.actions[..., None])[..., 0]
+    torch.testing.assert_close(new, rollout.log_probs, atol=1e-5, rtol=0)
+    summary = trainer.fit()
+    assert summary["config"]["rl"]["carry_memory"] is True
+
+
+def xl_agent(window: int, length: int):
+    run = RunConfig.from_dict({
+        "task": "corridor", "task_options": {"min_length": length, "max_length": length},
+        "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "block_len": 2,
+                  "max_span": window, "memory": "transformer-xl"},
+    }).resolved()
+    torch.manual_seed(0)
+    return run.build_model(vocab_size(run.build_task())), run.build_task()
+
+
+@pytest.mark.parametrize("carry", [False, True], ids=["reset", "carried"])
+def test_memory_at_decision_is_read_at_the_junction(carry):
+    """A Transformer-XL with a window of 8 in corridors of 12 steps sees exactly 8 earlier steps
+    at every junction, fewer on average over an episode (when memory is reset at its start)."""
+    agent, task = xl_agent(window=8, length=12)
+    metrics = evaluate_agent(agent, task, "valid", 3, 2, seed=0, carry_memory=carry)
+    assert metrics["memory_at_decision"] == 8.0
+    if not carry:
+        assert metrics["memory_size"] < 7.0
+
+
+def test_adaptive_span_starts_at_the_expire_span_span_in_every_rl_preset():
+    for name, preset in PRESETS.items():
+        if preset.config["task"] not in ("corridor", "instruction", "portal"):
+            continue
+        model = RunConfig.from_dict(preset.config).resolved().model
+        assert model["adapt_span_init"] == model["init_percentage"] > 0, name
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -152,3 +253,17 @@ def test_cli_help_lists_task_and_rl_flags(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--task", "copy", "--help"])
     assert "--entropy-coef" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--min-length", "0"], "corridor: need 1 <= min_length <= max_length, got 0, 200"),
+    (["--min-length", "150", "--max-length", "120"], "corridor: need 1 <= min_length"),
+    (["--max-length", "600"], "max_span L=512 is too short for a dependency of 600 steps"),
+])
+def test_cli_refuses_bad_corridor_lengths_in_one_line(tmp_path, capsys, flags, message):
+    argv = ["train", "--no-progress", "--preset", "corridor-long", "--out", str(tmp_path / "r"),
+            "--steps", "1", "--eval-batches", "1", "--batch-size", "2",  # short if not refused
+            *flags]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

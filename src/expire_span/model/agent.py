@@ -24,13 +24,15 @@ from expire_span.model.transformer import MemoryTransformer
 @dataclass
 class AgentOutput:
     """``logits`` ``[B, T, A]`` action scores, ``values`` ``[B, T]`` state values; ``memory``,
-    ``aux_loss`` and ``memory_size`` as in :class:`~expire_span.model.ModelOutput`."""
+    ``aux_loss``, ``memory_size`` and ``row_memory_size`` (``[n_layers, B]``) as in
+    :class:`~expire_span.model.EncoderOutput`."""
 
     logits: Tensor
     values: Tensor
     memory: Memory
     aux_loss: Tensor
     memory_size: Tensor
+    row_memory_size: Tensor
 
 
 def agent_vocab_size(observation_sizes: Sequence[int], num_actions: int) -> int:
@@ -117,4 +119,5 @@ class MemoryAgent(nn.Module):
             memory=encoded.memory,
             aux_loss=encoded.aux_loss,
             memory_size=encoded.memory_size,
+            row_memory_size=encoded.row_memory_size,
         )

@@ -61,6 +61,7 @@ class FlexPlan:
         full: ``[B, 1 or H, Tq, Tk]`` bool, tiles whose every entry is visible.
         memory_size: average number of earlier steps a query sees with nonzero weight (the
             layer's ``memory_size``; the query itself excluded).
+        row_memory_size: ``[B]``, the same for each sample.
     """
 
     mask: FlexMask
@@ -70,6 +71,7 @@ class FlexPlan:
     partial: Tensor
     full: Tensor
     memory_size: Tensor
+    row_memory_size: Tensor
 
     @classmethod
     def build(cls, mask: FlexMask, num_queries: int, num_keys: int,
@@ -79,8 +81,10 @@ class FlexPlan:
             lo, hi, uncertain = mask.query_ranges(num_queries)  # [B, Hm, N]
             rows = lo.shape[0] * lo.shape[1] * num_queries
             memory_size = (hi - lo).sum() / rows - 1.0
+            row_memory_size = (hi - lo).sum(dim=(1, 2)) / (rows // lo.shape[0]) - 1.0
             partial, full = _tiles(lo, hi, uncertain, num_queries, num_keys, block)
-        return cls(mask, num_queries, num_keys, block, partial, full, memory_size)
+        return cls(mask, num_queries, num_keys, block, partial, full, memory_size,
+                   row_memory_size)
 
     def block_mask(self, emulate_tiles: bool = False) -> Any:
         """FlexAttention's ``BlockMask``; with ``emulate_tiles`` its ``mask_mod`` also applies

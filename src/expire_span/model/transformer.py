@@ -37,12 +37,16 @@ class ModelOutput:
 @dataclass
 class EncoderOutput:
     """Result of :meth:`MemoryTransformer.encode`: like :class:`ModelOutput`, with the final
-    hidden states (after the output norm, ``[B, T, D]``) in place of the logits."""
+    hidden states (after the output norm, ``[B, T, D]``) in place of the logits, and
+    ``row_memory_size`` ``[n_layers, B]``: ``memory_size`` of each sample (its mean over the
+    batch is ``memory_size``), so that a caller can read the memory of particular samples at
+    particular steps (an agent's decision steps)."""
 
     hidden: Tensor
     memory: Memory
     aux_loss: Tensor
     memory_size: Tensor
+    row_memory_size: Tensor
 
 
 @dataclass
@@ -51,6 +55,8 @@ class LayerOutput:
     memory: LayerMemory
     aux_loss: Tensor
     memory_size: Tensor
+    row_memory_size: Tensor
+    """``[B]``: ``memory_size`` of each sample."""
 
 
 class FeedForward(nn.Sequential):
@@ -102,7 +108,7 @@ class TransformerLayer(nn.Module):
             plan = FlexPlan.build(decision.flex, queries, states.width)
             attended = self.attention(inputs[:, -queries:], steps, key_values, None, None, rotation,
                                       flex=plan)
-            memory_size = plan.memory_size
+            memory_size, row_memory_size = plan.memory_size, plan.row_memory_size
         else:
             hidden_keys = ~visible.unsqueeze(1)
             if decision.bias is None:
@@ -114,7 +120,9 @@ class TransformerLayer(nn.Module):
                                       decision.bias_grad_index, rotation)
             with torch.no_grad():  # earlier steps seen with nonzero weight (the query excluded)
                 rows = bias.numel() // bias.shape[-1]
-                memory_size = (bias > float("-inf")).sum() / rows - 1.0
+                seen = bias > float("-inf")
+                memory_size = seen.sum() / rows - 1.0
+                row_memory_size = seen.sum(dim=(1, 2, 3)) / (rows // bias.shape[0]) - 1.0
 
         if self.config.pre_norm:
             hidden = hidden + self.dropout(attended)
@@ -123,7 +131,7 @@ class TransformerLayer(nn.Module):
             hidden = self.norm_attention(hidden + self.dropout(attended))
             hidden = self.norm_feed_forward(hidden + self.dropout(self.feed_forward(hidden)))
         new_memory = self.policy.update(context, decision).detach()
-        return LayerOutput(hidden, new_memory, decision.aux_loss, memory_size)
+        return LayerOutput(hidden, new_memory, decision.aux_loss, memory_size, row_memory_size)
 
     def _kv_version(self) -> tuple[int, ...]:
         """Identifies the parameters keys and values depend on: a cache made with other values
@@ -238,6 +246,7 @@ class MemoryTransformer(nn.Module):
         layers, next_step = list(memory.layers), memory.next_step
         outputs, aux_loss = [], inputs.new_zeros((), dtype=torch.float32)
         memory_size = torch.zeros(len(self.layers), device=inputs.device)
+        row_memory_size = torch.zeros(len(self.layers), batch, device=inputs.device)
         for block in inputs.split(self.config.block_len, dim=1):
             length = block.shape[1]
             steps = torch.arange(next_step, next_step + length, device=inputs.device)
@@ -249,6 +258,7 @@ class MemoryTransformer(nn.Module):
                 hidden, layers[index] = result.hidden, result.memory
                 aux_loss = aux_loss + result.aux_loss * (length / total)
                 memory_size[index] += result.memory_size * (length / total)
+                row_memory_size[index] += result.row_memory_size * (length / total)
             outputs.append(self.norm_out(hidden))
             next_step += length
         return EncoderOutput(
@@ -256,6 +266,7 @@ class MemoryTransformer(nn.Module):
             memory=Memory(layers, next_step, self.config.memory),
             aux_loss=aux_loss,
             memory_size=memory_size,
+            row_memory_size=row_memory_size,
         )
 
     def after_optimizer_step(self) -> None:

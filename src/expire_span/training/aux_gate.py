@@ -18,7 +18,14 @@ are held (:attr:`~expire_span.policies.MemoryPolicy.aux_loss_forgets`).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from expire_span.policies import MemoryPolicy
+
+if TYPE_CHECKING:
+    from expire_span.training.config import TrainConfig
 
 SMOOTHING = 0.9
 """Weight of the past in the exponential average of the training loss."""
@@ -81,3 +88,13 @@ class AuxiliaryGate:
         self.start_loss = state["start_loss"]
         self.smoothed = state["smoothed"]
         self.opened_at = state["opened_at"]
+
+
+def run_gate(train: TrainConfig, model: nn.Module) -> AuxiliaryGate:
+    """The gate of a training run: ``train``'s hold, deadline and ramp for a model whose memory
+    policies' auxiliary losses push memories out; no hold for any other (a Compressive model's
+    reconstruction loss acts from the first step)."""
+    forgets = any(isinstance(module, MemoryPolicy) and module.aux_loss_forgets
+                  for module in model.modules())
+    return AuxiliaryGate(train.aux_hold if forgets else 0.0,
+                         math.ceil(train.aux_hold_until * train.steps), train.aux_ramp)

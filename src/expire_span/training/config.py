@@ -71,7 +71,8 @@ class TrainConfig:
     aux_hold: float = 0.5
     """Hold the memory policy's auxiliary loss at 0 until the smoothed training loss has fallen
     to this fraction of its first value (the task is being learned), so that it cannot shrink
-    spans before the task shows which memories matter; 0 applies it from the first step."""
+    spans before the task shows which memories matter; 0 applies it from the first step. RL
+    tasks use each rollout's failure rate (1 - success) as the loss."""
     aux_hold_until: float = 1.0
     """Fraction of the run after which the hold ends anyway, for tasks whose loss never falls to
     aux_hold times its first value. At 1 (the default) it never ends before the task is being
@@ -152,6 +153,10 @@ class RLConfig:
     """Standardise the advantages of each rollout."""
     eval_greedy: bool = True
     """Evaluation takes the most likely action (False: samples it, as in training)."""
+    carry_memory: bool = False
+    """Keep each environment's memory across its episodes (a stream of episodes, the episode
+    start visible as the "none" previous action) instead of resetting it at every episode end,
+    so that old episodes' memories age out and a span loss acts; evaluation does the same."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:

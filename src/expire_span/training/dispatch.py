@@ -27,9 +27,11 @@ def evaluate_run(
 ) -> dict[str, float]:
     """Evaluate a saved run's network on ``split``: ``batches`` batches of ``batch_size`` streams
     for a sequence task, ``batches`` episodes in each of ``batch_size`` environments (seeded for
-    the split, never with training seeds) for an RL task."""
+    the split, never with training seeds, memory carried across them when the run carried it)
+    for an RL task."""
     task = run.build_task()
     if isinstance(task, RLTask):
+        rl = run.rl_config
         return evaluate_agent(model, task, split, batch_size, batches, run.train.seed,
-                              run.rl_config.eval_greedy, progress)
+                              rl.eval_greedy, progress, rl.carry_memory)
     return evaluate(model, task, split, batch_size, run.seq_len, batches, progress)

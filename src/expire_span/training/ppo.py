@@ -4,7 +4,8 @@ One training step (an "update"):
 
 1. **Rollout.** ``seq_len`` steps in each of ``batch_size`` environments, acting step by step in
    eval mode without gradients. The memory at the start of the segment is kept; an environment
-   whose episode ends has its memory reset before its next step. Episodes run across segments.
+   whose episode ends has its memory reset before its next step (unless ``rl.carry_memory``:
+   then each environment is one stream of episodes). Episodes run across segments.
 2. **Advantages.** GAE over the segment, bootstrapped from the value of the step that follows it;
    the end of an episode (terminated or cut by a step limit) is terminal, no value is carried
    across it (step limits are part of these tasks' definitions).
@@ -12,7 +13,8 @@ One training step (an "update"):
    the current weights, applying the same memory resets at the same steps, so every step sees the
    memory it saw while acting (recomputed with the current weights); then one optimizer step on
    the clipped objective, the value loss, the entropy bonus and the memory policy's auxiliary
-   loss.
+   loss (weighted by the auxiliary gate, ``train.aux_hold``: held at 0 until the rollouts'
+   failure rate has fallen, see :class:`~expire_span.training.aux_gate.AuxiliaryGate`).
 
 Replaying step by step (calls of one step) rather than in blocks keeps episode boundaries exact:
 ``Memory.reset`` acts between calls, and a block call cannot reset one sample in its middle. As the
@@ -24,7 +26,7 @@ recurrent PPO are).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,11 +35,13 @@ from torch import Tensor
 from expire_span.memory import Memory
 from expire_span.model import MemoryAgent
 from expire_span.tasks import RLTask
+from expire_span.training.aux_gate import run_gate
 from expire_span.training.checkpoint import LoadedCheckpoint
 from expire_span.training.loop import TrainingLoop
 from expire_span.training.rollout import (
     EnvRunner,
     Episode,
+    decision_memory,
     episode_metrics,
     evaluate_agent,
     sampler,
@@ -47,7 +51,9 @@ from expire_span.training.rollout import (
 @dataclass
 class Rollout:
     """A segment of ``T`` steps of ``B`` environments (tensors ``[T, B, ...]``), the memory at
-    its start and the value of the step after it (``[B]``)."""
+    its start and the value of the step after it (``[B]``). ``resets`` (``[T, B]`` bool) marks
+    the steps after which a memory was reset; ``None`` means where episodes ended (``dones``),
+    all False when memory is carried across episodes. ``finished``: the episodes it ended."""
 
     memory: Memory
     observations: Tensor
@@ -59,6 +65,8 @@ class Rollout:
     rewards: Tensor
     dones: Tensor
     last_value: Tensor
+    resets: Tensor | None = None
+    finished: list[Episode] = field(default_factory=list)
 
 
 def gae(rewards: Tensor, values: Tensor, dones: Tensor, last_value: Tensor, gamma: float,
@@ -86,11 +94,12 @@ def replay(agent: MemoryAgent, rollout: Rollout) -> tuple[Tensor, Tensor, Tensor
     Returns logits ``[T, B, A]``, values ``[T, B]`` and the mean auxiliary loss.
     """
     memory = rollout.memory
+    resets = rollout.dones if rollout.resets is None else rollout.resets
     logits, values, aux = [], [], []
     for t in range(rollout.actions.shape[0]):
         out = agent(rollout.observations[t, :, None], rollout.prev_actions[t, :, None],
                     rollout.prev_rewards[t, :, None], memory)
-        memory = out.memory.reset(rollout.dones[t])
+        memory = out.memory.reset(resets[t]) if bool(resets[t].any()) else out.memory
         logits.append(out.logits[:, 0])
         values.append(out.values[:, 0])
         aux.append(out.aux_loss)
@@ -119,22 +128,26 @@ class RLTrainer(TrainingLoop):
             )
         self.rl = self.run.rl_config
         seeds = self.task.seeds(self.train_cfg.seed, "train", self.rows)
-        self.runner = EnvRunner(self.task.vector_env(self.rows), self.model, seeds)
+        self.runner = EnvRunner(self.task.vector_env(self.rows), self.model, seeds,
+                                self.rl.carry_memory)
         self.memory = self.runner.memory
         self.interval = _Interval()
+        self.aux_gate = run_gate(cfg, self.model)
 
     def _trainer_state(self) -> dict[str, Any]:
-        return {**super()._trainer_state(), "runner": self.runner.state()}
+        return {**super()._trainer_state(), "runner": self.runner.state(),
+                "aux_gate": self.aux_gate.state_dict()}
 
     def _restore(self, loaded: LoadedCheckpoint) -> None:
         super()._restore(loaded)
         assert loaded.trainer_state is not None
         self.runner.load_state(loaded.trainer_state["runner"], self.memory)
+        self.aux_gate.load_state_dict(loaded.trainer_state.get("aux_gate"))
 
     def evaluate(self, split: str = "valid", progress: bool = False) -> dict[str, float]:
         return evaluate_agent(
             self.model, self.task, split, self.rows, self.train_cfg.eval_batches,
-            self.train_cfg.seed, self.rl.eval_greedy, progress,
+            self.train_cfg.seed, self.rl.eval_greedy, progress, self.rl.carry_memory,
         )
 
     @torch.no_grad()
@@ -142,11 +155,15 @@ class RLTrainer(TrainingLoop):
         """Act for ``seq_len`` steps in every environment (sampling from the policy)."""
         self.model.eval()
         start, choose = self.runner.memory, sampler()
-        records = [self.runner.step(self.model, choose) for _ in range(self.run.seq_len)]
+        records, decisions = [], []
+        for _ in range(self.run.seq_len):
+            decisions.append(self.task.decision_steps(self.runner.observations.cpu().numpy()))
+            records.append(self.runner.step(self.model, choose))
         last_value = self.runner.read(self.model).values[:, 0]
         self.memory = self.runner.memory
-        for record in records:
-            self.interval.add_acting(record.finished, record.output, self.rows)
+        for record, decision in zip(records, decisions, strict=True):
+            self.interval.add_acting(record.finished, record.output, self.rows,
+                                     torch.as_tensor(decision))
         logits = torch.stack([r.output.logits[:, 0] for r in records])
         actions = torch.stack([r.actions for r in records])
         log_probs = torch.log_softmax(logits.float(), -1).gather(-1, actions[..., None])[..., 0]
@@ -160,6 +177,8 @@ class RLTrainer(TrainingLoop):
             actions=actions, log_probs=log_probs,
             values=torch.stack([r.output.values[:, 0] for r in records]),
             rewards=stacked("rewards"), dones=stacked("done"), last_value=last_value,
+            resets=torch.zeros_like(stacked("done")) if self.rl.carry_memory else None,
+            finished=[episode for record in records for episode in record.finished],
         )
 
     def _train_step(self, step: int) -> None:
@@ -169,6 +188,7 @@ class RLTrainer(TrainingLoop):
                                   rollout.last_value, rl.gamma, rl.gae_lambda)
         if rl.normalize_advantages:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        aux_weight = self.aux_gate.scale(step)
         self.model.train()
         for _ in range(rl.epochs):
             logits, values, aux_loss = replay(self.model, rollout)
@@ -180,14 +200,27 @@ class RLTrainer(TrainingLoop):
             value_loss = 0.5 * (values - returns).pow(2).mean()
             entropy = -(log_probs.exp() * log_probs).sum(-1).mean()
             loss = (policy_loss + rl.value_coef * value_loss - rl.entropy_coef * entropy
-                    + aux_loss)
+                    + aux_weight * aux_loss)
             self._update(loss, step)
             with torch.no_grad():
                 clip_fraction = ((ratio - 1.0).abs() > rl.clip_range).float().mean()
             self.interval.add_update(policy_loss, value_loss, entropy, aux_loss, clip_fraction)
+        self._observe_failures(step, rollout)
+
+    def _observe_failures(self, step: int, rollout: Rollout) -> None:
+        """Hand the auxiliary gate this rollout's failure rate (1 - the mean success of the
+        episodes it finished; nothing when it finished none): the RL counterpart of the sequence
+        trainer's training loss, falling as the task is learned."""
+        if self.aux_gate.opened_at is not None:
+            return
+        finished = rollout.finished
+        failure = 1.0 - sum(e.success for e in finished) / len(finished) if finished else None
+        self.aux_gate.observe(step, failure)
 
     def _log_record(self, step: int) -> dict[str, Any]:
-        return self.interval.flush(step, self.scheduler.get_last_lr()[0])
+        record = self.interval.flush(step, self.scheduler.get_last_lr()[0])
+        record["aux_weight"] = self.aux_gate.scale(step - 1)  # of the last update taken
+        return record
 
     def _postfix(self, record: dict[str, Any]) -> dict[str, str]:
         return {"success": f"{record['success_rate']:.3f}",
@@ -198,6 +231,7 @@ class RLTrainer(TrainingLoop):
         summary = super()._summary(step, metrics, seconds)
         summary["success_rate"] = metrics["success_rate"]
         summary["mean_return"] = metrics["mean_return"]
+        summary["memory_at_decision"] = metrics["memory_at_decision"]
         return summary
 
 
@@ -210,16 +244,20 @@ class _Interval:
     def reset(self) -> None:
         self.episodes: list[Episode] = []
         self.losses: dict[str, float] = {}
-        self.updates = self.acting_steps = self.env_steps = 0
-        self.memory_size = self.cache_size = 0.0
+        self.updates = self.acting_steps = self.env_steps = self.decisions = 0
+        self.memory_size = self.cache_size = self.decision_memory = 0.0
         self.started = time.perf_counter()
 
-    def add_acting(self, finished: list[Episode], output, rows: int) -> None:
+    def add_acting(self, finished: list[Episode], output, rows: int, decisions: Tensor) -> None:
+        """One acting step; ``decisions`` (``[B]`` bool) marks the rows at a decision step."""
         self.episodes.extend(finished)
         self.acting_steps += 1
         self.env_steps += rows
         self.memory_size += float(output.memory_size.mean())
         self.cache_size += float(output.memory.sizes.float().mean())
+        total, count = decision_memory(output, decisions)
+        self.decision_memory += total
+        self.decisions += count
 
     def add_update(self, policy: Tensor, value: Tensor, entropy: Tensor, aux: Tensor,
                    clip_fraction: Tensor) -> None:
@@ -237,6 +275,8 @@ class _Interval:
             **episode_metrics(self.episodes),
             **{name: total / max(self.updates, 1) for name, total in self.losses.items()},
             "memory_size": self.memory_size / max(self.acting_steps, 1),
+            "memory_at_decision": (self.decision_memory / self.decisions if self.decisions
+                                   else float("nan")),
             "cache_size": self.cache_size / max(self.acting_steps, 1),
             "lr": lr,
             "env_steps_per_s": self.env_steps / max(seconds, 1e-9),

@@ -191,12 +191,14 @@ def _rl_preset(name: str, description: str, task: str, task_options: dict[str, A
                model: dict[str, Any], train: dict[str, Any]) -> Preset:
     """A reinforcement-learning preset over what the CPU RL presets share: a tiny agent (d=32,
     2 heads, one step per call, so the block length only bounds L), spans starting at 0.6 L (longer
-    than any episode: see docs/rl.md), PPO with the default ``rl`` settings and a cosine decay."""
+    than any episode: see docs/rl.md; Adaptive-Span starts at the same span, from the span rule),
+    the auxiliary loss from the first update (no hold, as before the hold existed), PPO with the
+    default ``rl`` settings and a cosine decay."""
     shared_model = {"d_model": 32, "n_layers": 1, "n_heads": 2, "block_len": 4, "ramp": 8,
                     "alpha": 1e-3, "init_percentage": 0.6, "pre_div": 8.0}
     shared_train = {"steps": 300, "batch_size": 32, "seq_len": 32, "lr": 5e-4, "warmup": 0,
                     "schedule": "cosine", "adam_eps": 1e-5, "eval_every": 25, "eval_batches": 4,
-                    "log_every": 10, "checkpoint_every": 50}
+                    "log_every": 10, "checkpoint_every": 50, "aux_hold": 0.0}
     return Preset(name, description, {
         "task": task, "task_options": task_options, "model": {**shared_model, **model},
         "train": {**shared_train, **train}, "rl": {},
@@ -227,6 +229,60 @@ _PRESETS += [
         "portal: 4 rooms x 3 portals, episodes of 32 steps, 2 layers, L=64: minutes",
         "portal", {"rooms": 4, "portals": 3, "episode_steps": 32},
         {"max_span": 64, "n_layers": 2}, {},
+    ),
+]
+
+
+
+def _rl_stream_preset(name: str, description: str, task: str, task_options: dict[str, Any],
+                      model: dict[str, Any], train: dict[str, Any]) -> Preset:
+    """A reinforcement-learning preset where forgetting is exercised: episodes whose memory need
+    (one cue, one instruction, a few map edges) is far below their length, memory carried across
+    episodes (``rl.carry_memory``: each environment is one stream of episodes, so old episodes'
+    memories age out), the paper's ``l1`` span loss (it charges every memory, whether or not it
+    reaches its ramp) held back until the rollouts' failure rate has halved (``aux_hold``: a
+    span that shrinks below the cue distance before the policy uses the cue never grows back).
+    The starting span (both Expire-Span and Adaptive-Span), alpha and the pre-division come from
+    the span rule (1.25 x the task's dependency + R + M); R = 16 is set here, as the rule's M / 2
+    means nothing when every call is one step (see docs/rl.md, "Memory carried across episodes").
+    """
+    shared_model = {"d_model": 32, "n_layers": 1, "n_heads": 2, "block_len": 4, "ramp": 16,
+                    "span_loss": "l1", "adapt_span_loss": 1e-4}
+    shared_train = {"steps": 600, "batch_size": 32, "seq_len": 64, "lr": 5e-4, "warmup": 0,
+                    "schedule": "cosine", "adam_eps": 1e-5, "eval_every": 50, "eval_batches": 4,
+                    "log_every": 10, "checkpoint_every": 50, "aux_hold": 0.5,
+                    "aux_hold_until": 0.5, "aux_ramp": 50}
+    return Preset(name, description, {
+        "task": task, "task_options": task_options, "model": {**shared_model, **model},
+        "train": {**shared_train, **train}, "rl": {"carry_memory": True},
+    })
+
+
+_PRESETS += [
+    _rl_stream_preset(
+        "corridor-long",
+        "corridor of 100-200 steps, memory carried across episodes, L=512, spans from the span "
+        "rule (start 256, above the longest cue distance), l1 span loss: 1-2 hours on 2 CPU "
+        "cores",
+        "corridor", {"colours": 2, "min_length": 100, "max_length": 200}, {"max_span": 512},
+        # lr 2e-3 learned the 10-20-step version of this preset in ~90 updates, 5e-4 in ~170
+        # (docs/rl.md, "Feasibility"); the hold lasts up to 3/4 of the run, as a span loss
+        # released before the cue is used would shrink the cue's span below the corridor
+        {"steps": 800, "lr": 2e-3, "aux_hold_until": 0.75},
+    ),
+    _rl_stream_preset(
+        "instruction-long",
+        "instruction after 50-100 distractors, memory carried across episodes, L=256: CPU",
+        "instruction",
+        {"colours": 3, "objects": 3, "choices": 3, "min_delay": 50, "max_delay": 100},
+        {"max_span": 256}, {},
+    ),
+    _rl_stream_preset(
+        "portal-long",
+        "portal: 4 rooms x 3 portals, episodes of 128 steps (many trials on one map), memory "
+        "carried across episodes, 2 layers, L=256: CPU",
+        "portal", {"rooms": 4, "portals": 3, "episode_steps": 128},
+        {"max_span": 256, "n_layers": 2}, {},
     ),
 ]
 

@@ -1,9 +1,13 @@
 """Running an agent in a batch of environments, one step per call, and evaluating it.
 
 The agent reads each environment step by step (calls of one step; the model guarantees these
-equal block calls). When an environment's episode ends, its memory is reset before the next
-episode's first step, and its previous action and reward become "none" and 0, so nothing leaks
-from one episode into the next.
+equal block calls). When an environment's episode ends, its previous action and reward become
+"none" and 0 (so the agent sees every episode start), and by default its memory is reset before
+the next episode's first step, so nothing leaks from one episode into the next. With
+``carry_memory`` the memory is kept instead: each environment is one endless stream of episodes,
+whose absolute steps keep increasing (``Memory.next_step`` is never reset), so earlier episodes'
+memories age and expire as the memory policy decides (docs/rl.md, "Memory carried across
+episodes").
 """
 
 from __future__ import annotations
@@ -33,6 +37,13 @@ class Episode:
     success: float
 
 
+def decision_memory(output: AgentOutput, decisions: Tensor) -> tuple[float, int]:
+    """(sum, count) of the memory sizes (mean over layers) of the rows where ``decisions``
+    (``[B]`` bool) holds: what the agent attended when it took the decisions the task scores."""
+    sizes = output.row_memory_size.mean(dim=0)[decisions.to(output.row_memory_size.device)]
+    return float(sizes.sum()), int(sizes.numel())
+
+
 def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
     """``episodes``, ``success_rate``, ``mean_return``, ``mean_length`` (NaN when none)."""
     if not episodes:
@@ -49,8 +60,8 @@ def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
 @dataclass
 class StepRecord:
     """One step of every environment: what the agent read, what it did and what came back
-    (``[B]`` tensors; ``done`` marks episodes that ended, after which memory was reset, and
-    ``finished`` describes them)."""
+    (``[B]`` tensors; ``done`` marks episodes that ended, after which memory was reset unless it
+    is carried, and ``finished`` describes them)."""
 
     observations: Tensor
     prev_actions: Tensor
@@ -70,10 +81,14 @@ class EnvRunner:
         envs: a gymnasium vector environment that resets finished episodes in the same step.
         agent: the agent (used for its memory layout and action count).
         seeds: one seed per environment, for the first reset.
+        carry_memory: keep each environment's memory across its episodes (a stream of
+            episodes) instead of resetting it when an episode ends.
     """
 
-    def __init__(self, envs: gym.vector.VectorEnv, agent: MemoryAgent, seeds: list[int]) -> None:
+    def __init__(self, envs: gym.vector.VectorEnv, agent: MemoryAgent, seeds: list[int],
+                 carry_memory: bool = False) -> None:
         self.envs = envs
+        self.carry_memory = carry_memory
         self.num_envs = envs.num_envs
         self.none_action = agent.num_actions
         observations, _ = envs.reset(seed=seeds)
@@ -92,7 +107,7 @@ class EnvRunner:
 
     def step(self, agent: MemoryAgent, choose: Callable[[Tensor], Tensor]) -> StepRecord:
         """Read the current step, act with ``choose(logits [B, A]) -> actions [B]``, step the
-        environments, and reset the memory of those whose episode ended."""
+        environments, and reset the memory of those whose episode ended (unless carried)."""
         out = self.read(agent)
         actions = choose(out.logits[:, 0])
         observations, rewards, terminated, truncated, info = self.envs.step(actions.cpu().numpy())
@@ -114,7 +129,7 @@ class EnvRunner:
         self.observations = torch.as_tensor(observations, dtype=torch.long, device=device)
         self.prev_actions = actions.masked_fill(record.done, self.none_action)
         self.prev_rewards = record.rewards.masked_fill(record.done, 0.0)
-        self.memory = out.memory.reset(record.done)
+        self.memory = out.memory if self.carry_memory else out.memory.reset(record.done)
         return record
 
     # ------------------------------------------------------------------ checkpoints
@@ -167,26 +182,34 @@ def evaluate_agent(
     seed: int,
     greedy_actions: bool = True,
     progress: bool = False,
+    carry_memory: bool = False,
 ) -> dict[str, float]:
     """Run ``episodes_per_env`` fresh episodes in each of ``num_envs`` environments seeded for
     ``split`` (never the training seeds) and return their metrics, with the average memory size
-    and cache size over the steps taken."""
+    and cache size over the steps taken, and ``memory_at_decision``: the average memory size at
+    the counted episodes' decision steps (:meth:`RLTask.decision_steps`, e.g. Corridor's
+    junction; NaN if none). With ``carry_memory`` each environment's episodes form one stream
+    (as in training with ``rl.carry_memory``), starting from an empty memory."""
     was_training = agent.training
     agent.eval()
     envs = task.vector_env(num_envs)
     seeds = task.seeds(seed, split, num_envs)
-    runner = EnvRunner(envs, agent, seeds)
+    runner = EnvRunner(envs, agent, seeds, carry_memory)
     generator = torch.Generator(device=agent.device).manual_seed(seeds[0])
     choose = greedy if greedy_actions else sampler(generator)
     counted: list[Episode] = []
     finished = np.zeros(num_envs, dtype=np.int64)
-    memory_size = cache_size = 0.0
-    steps = 0
+    memory_size = cache_size = decision_total = 0.0
+    steps = decisions = 0
     bar = tqdm(total=num_envs * episodes_per_env, desc=f"eval {split}", disable=not progress,
                leave=False)
     try:
         while finished.min() < episodes_per_env:
+            counting = torch.as_tensor(finished < episodes_per_env)
+            decision = torch.as_tensor(task.decision_steps(runner.observations.cpu().numpy()))
             record = runner.step(agent, choose)
+            total, count = decision_memory(record.output, decision & counting)
+            decision_total, decisions = decision_total + total, decisions + count
             memory_size += float(record.output.memory_size.mean())
             cache_size += float(record.output.memory.sizes.float().mean())
             steps += 1
@@ -200,4 +223,5 @@ def evaluate_agent(
         envs.close()
         agent.train(was_training)
     return {**episode_metrics(counted), "memory_size": memory_size / max(steps, 1),
+            "memory_at_decision": decision_total / decisions if decisions else float("nan"),
             "cache_size": cache_size / max(steps, 1)}

@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from expire_span.memory import Memory
 from expire_span.model import MemoryTransformer
 from expire_span.tasks import MetricAccumulator, SequenceTask, Shard
-from expire_span.training.aux_gate import AuxiliaryGate
+from expire_span.training.aux_gate import run_gate
 from expire_span.training.distributed import Group
 from expire_span.training.evaluate import evaluate, forget_restarted_rows
 from expire_span.training.loop import TrainingLoop
@@ -72,9 +72,7 @@ class Trainer(TrainingLoop):
             self.network = DistributedDataParallel(self.model, device_ids=device_ids,
                                                    find_unused_parameters=skips)
         self.interval = _Interval(self.device)
-        forgets = any(layer.policy.aux_loss_forgets for layer in self.model.layers)
-        self.aux_gate = AuxiliaryGate(cfg.aux_hold if forgets else 0.0,
-                                      math.ceil(cfg.aux_hold_until * cfg.steps), cfg.aux_ramp)
+        self.aux_gate = run_gate(cfg, self.model)
 
     def _trainer_state(self) -> dict[str, Any]:
         return {**super()._trainer_state(), "aux_gate": self.aux_gate.state_dict()}

@@ -68,6 +68,16 @@ class SymbolicEnv(gym.Env):
         self.np_random = generator
 
 
+def check_ints(task: str, options: Any, *names: str) -> None:
+    """``ValueError`` (one line naming the task and field) unless every field in ``names`` is an
+    integer (a config file may hold ``150.0`` or ``true``, which would silently mean something
+    else: a float corridor length breaks the draw, a bool is an int to numpy)."""
+    for name in names:
+        value = getattr(options, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{task}: {name} must be an integer, got {value!r}")
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
@@ -101,6 +111,20 @@ class RLTask:
         """Make ``env_id`` known to ``gymnasium.make`` (done for every registered task)."""
         if cls.env_id not in gym.registry:
             gym.register(id=cls.env_id, entry_point=cls.env_class)
+
+    @property
+    def dependency_length(self) -> int | None:
+        """The longest distance (in steps) from a decision back to the observation it needs,
+        within an episode (``None``: unknown). The span rule
+        (:mod:`expire_span.training.span_rule`) starts spans above it, and Adaptive-Span at the
+        same span as Expire-Span."""
+        return None
+
+    def decision_steps(self, observations: np.ndarray) -> np.ndarray:
+        """``[B]`` bool: which of these observations (``[B, F]``, what the agent reads) ask for
+        the decision the task scores, where the memory matters (the evaluation reports the
+        memory size there, ``memory_at_decision``). Default: every step."""
+        return np.ones(len(observations), dtype=bool)
 
     def options_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)

@@ -24,9 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from gymnasium import spaces
 
-from expire_span.tasks.rl.base import RLTask, SymbolicEnv
+from expire_span.tasks.rl.base import RLTask, SymbolicEnv, check_ints
 
 FORWARD = 0
 
@@ -43,6 +44,7 @@ class CorridorOptions:
     """Steps after which an episode is cut with reward 0; None: 2 x (max_length + 1)."""
 
     def __post_init__(self) -> None:
+        check_ints("corridor", self, "colours", "min_length", "max_length", "step_limit")
         if self.colours < 2:
             raise ValueError(f"corridor: colours must be >= 2, got {self.colours}")
         if self.min_length < 1 or self.max_length < self.min_length:
@@ -108,3 +110,11 @@ class CorridorTask(RLTask):
 
     options: CorridorOptions
 
+    @property
+    def dependency_length(self) -> int:
+        """The junction is read ``N <= max_length`` steps after the cue."""
+        return self.options.max_length
+
+    def decision_steps(self, observations: np.ndarray) -> np.ndarray:
+        """The junction (where the exit taken decides the reward)."""
+        return np.asarray(observations)[:, 0] == self.options.colours + 1

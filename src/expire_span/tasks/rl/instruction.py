@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
-from expire_span.tasks.rl.base import RLTask, SymbolicEnv
+from expire_span.tasks.rl.base import RLTask, SymbolicEnv, check_ints
 
 INSTRUCTION, DISTRACTOR, CHOICE = 0, 1, 2
 
@@ -47,6 +47,8 @@ class InstructionOptions:
     """Most distractor steps D (drawn uniformly per episode)."""
 
     def __post_init__(self) -> None:
+        check_ints("instruction", self, "colours", "objects", "choices", "min_delay",
+                   "max_delay")
         if self.colours < 1 or self.objects < 1:
             raise ValueError("instruction: colours and objects must be >= 1")
         if not 2 <= self.choices <= self.colours * self.objects:
@@ -146,3 +148,12 @@ class InstructionTask(RLTask):
     env_id = "expire_span/Instruction-v0"
 
     options: InstructionOptions
+
+    @property
+    def dependency_length(self) -> int:
+        """The choice is read ``D + 1 <= max_delay + 1`` steps after the instruction."""
+        return self.options.max_delay + 1
+
+    def decision_steps(self, observations: np.ndarray) -> np.ndarray:
+        """The choice."""
+        return np.asarray(observations)[:, 0] == CHOICE

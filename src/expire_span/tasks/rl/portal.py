@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
-from expire_span.tasks.rl.base import RLTask, SymbolicEnv
+from expire_span.tasks.rl.base import RLTask, SymbolicEnv, check_ints
 
 
 @dataclass
@@ -40,6 +40,7 @@ class PortalOptions:
     """Steps per episode: how long the map must be remembered."""
 
     def __post_init__(self) -> None:
+        check_ints("portal", self, "rooms", "portals", "episode_steps")
         if self.rooms < 2:
             raise ValueError(f"portal: rooms must be >= 2, got {self.rooms}")
         if self.portals < 1:
@@ -136,3 +137,9 @@ class PortalTask(RLTask):
     env_id = "expire_span/Portal-v0"
 
     options: PortalOptions
+
+    @property
+    def dependency_length(self) -> int:
+        """An edge seen at an episode's first step may be needed at its last one. (A conservative
+        bound: an agent that uses the map needs each edge only until it next takes it.)"""
+        return self.options.episode_steps - 1
