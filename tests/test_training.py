@@ -273,6 +273,21 @@ def test_damaged_checkpoints_give_clear_errors(tmp_path, damage, message):
         load_checkpoint(tmp_path, training_state=True)
 
 
+def test_a_checkpoint_from_before_checksums_loads_unverified_with_a_warning(tmp_path, capsys):
+    """Written by an older version (no checksums.json, no format in its config), it loads, says
+    so, and resumes; a current checkpoint missing its checksums stays refused (above)."""
+    Trainer(tiny_run(steps=2), tmp_path, progress=False).fit()
+    directory = tmp_path / "checkpoints" / "step-00000002"
+    (directory / "checksums.json").unlink()
+    config = json.loads((directory / "config.json").read_text())
+    del config["format"]
+    (directory / "config.json").write_text(json.dumps(config))
+    loaded = load_checkpoint(directory, training_state=True)
+    assert "predates checksums" in capsys.readouterr().err
+    assert loaded.trainer_state is not None and loaded.memory_tensors is not None
+    Trainer(None, tmp_path, resume=True, resume_overrides={"steps": 3}, progress=False).fit()
+
+
 def rewrite_checksummed(directory: Path, name: str, text: str) -> None:
     """Replace a checkpoint file and its recorded checksum (a file that is intact but wrong)."""
     (directory / name).write_text(text)

@@ -49,6 +49,9 @@ CONFIG_FILE = "config.json"
 MEMORY_FILE = "memory.safetensors"
 TRAINER_FILE = "trainer.pt"
 CHECKSUMS_FILE = "checksums.json"
+FORMAT = 2
+"""Written into every checkpoint's config (format 2: with checksums). A checkpoint whose config
+has no format was written before checksums existed; it loads unverified, with a warning."""
 
 
 class CheckpointError(RuntimeError):
@@ -121,7 +124,8 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     try:
         save_model(model, str(tmp / MODEL_FILE))
-        config = {"run": run.to_dict(), "model": model.config.to_dict(), "step": step}
+        config = {"run": run.to_dict(), "model": model.config.to_dict(), "step": step,
+                  "format": FORMAT}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         torch.save({**trainer_state, "step": step}, tmp / TRAINER_FILE)
         if memory is not None:
@@ -232,8 +236,14 @@ def load_latest_valid(path: str | Path, device: str | torch.device = "cpu",
     raise CheckpointError("no loadable checkpoint: " + "; ".join(errors))
 
 
-def _checksums(directory: Path) -> dict[str, str]:
+def _checksums(directory: Path) -> dict[str, str] | None:
+    """The recorded SHA-256 of each file, or None for a checkpoint from before checksums."""
     if not (directory / CHECKSUMS_FILE).is_file():
+        saved = _read(directory, CONFIG_FILE, lambda path: json.loads(path.read_text()))
+        if isinstance(saved, dict) and "format" not in saved:
+            print(f"warning: checkpoint {directory} predates checksums: loaded unverified",
+                  file=sys.stderr)
+            return None
         raise CheckpointError(f"checkpoint {directory} is incomplete: {CHECKSUMS_FILE} is "
                               "missing")
     manifest = _read(directory, CHECKSUMS_FILE, lambda path: json.loads(path.read_text()))
@@ -242,15 +252,23 @@ def _checksums(directory: Path) -> dict[str, str]:
     return manifest["sha256"]
 
 
-def _verify(directory: Path, name: str, checksums: dict[str, str]) -> None:
-    """Raise unless ``name`` exists and has the checksum the checkpoint recorded for it."""
+def _verify(directory: Path, name: str, checksums: dict[str, str] | None) -> None:
+    """Raise unless ``name`` exists and has the checksum the checkpoint recorded for it (any
+    content, for a checkpoint from before checksums)."""
     if not (directory / name).is_file():
         raise CheckpointError(f"checkpoint {directory} is incomplete: {name} is missing")
+    if checksums is None:
+        return
     if name not in checksums:
         raise CheckpointError(f"checkpoint {directory}: {name} has no checksum")
     if sha256(directory / name) != checksums[name]:
         raise CheckpointError(f"checkpoint {directory}: {name} is corrupt (its SHA-256 differs "
                               f"from the one in {CHECKSUMS_FILE})")
+
+
+def _holds(directory: Path, name: str, checksums: dict[str, str] | None) -> bool:
+    """Whether the checkpoint was written with the optional file ``name``."""
+    return (directory / name).is_file() if checksums is None else name in checksums
 
 
 def _read(directory: Path, name: str, reader: Callable[[Path], Any]) -> Any:
@@ -290,13 +308,13 @@ def _load_directory(directory: Path, device: str | torch.device,
         )
     model.to(device)
     trainer_state = memory = None
-    if training_state and TRAINER_FILE in checksums:
+    if training_state and _holds(directory, TRAINER_FILE, checksums):
         _verify(directory, TRAINER_FILE, checksums)
         trainer_state = _read(
             directory, TRAINER_FILE,
             lambda path: torch.load(path, map_location="cpu", weights_only=True),
         )
-    if training_state and MEMORY_FILE in checksums:
+    if training_state and _holds(directory, MEMORY_FILE, checksums):
         _verify(directory, MEMORY_FILE, checksums)
         memory = _read(directory, MEMORY_FILE, lambda path: load_file(str(path)))
     return LoadedCheckpoint(directory, run, model, trainer_state, memory,
