@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -161,6 +162,8 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     if timed:
         axes[0][1].set(xlabel="ms per training block (CPU time, trained model and memory)",
                        ylabel=f"test {metric}", xscale="log", title=title)
+    for axis in axes[0]:  # log axes: label the decades only (minor labels overlap)
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0][0].legend(fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
