@@ -125,9 +125,24 @@ def test_replay_recomputes_the_rollout_exactly(policy):
     the PPO ratio starts at 1."""
     task = build_task("corridor", {"min_length": 2, "max_length": 5})
     agent = tiny_agent(policy, task)
-    runner = EnvRunner(task.vector_env(4), agent, task.seeds(3, "train", 4))
+    rollout, records = recorded_rollout(agent, task)
+    agent.train()  # dropout is 0 and noise is off: training mode computes the same function
+    logits, values, _ = replay(agent, rollout)
+    torch.testing.assert_close(logits, torch.stack([r.output.logits[:, 0] for r in records]),
+                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(values, torch.stack([r.output.values[:, 0] for r in records]),
+                               atol=ATOL, rtol=0)
+    assert logits.requires_grad
+
+
+def recorded_rollout(agent, task, carry_memory: bool = False):
+    """20 sampled steps of 4 environments recorded from mid-episode (after 7 greedy steps, so
+    the memory is not empty), with at least 4 episode ends, and the steps' records; with
+    ``carry_memory`` no row is reset at an episode end."""
+    runner = EnvRunner(task.vector_env(4), agent, task.seeds(3, "train", 4),
+                       carry_memory=carry_memory)
     with torch.no_grad():
-        for _ in range(7):  # start mid-episode, with a non-empty memory
+        for _ in range(7):
             runner.step(agent, greedy)
         start = runner.memory
         records = [runner.step(agent, sampler(torch.Generator().manual_seed(0)))
@@ -142,14 +157,9 @@ def test_replay_recomputes_the_rollout_exactly(policy):
         prev_rewards=stacked("prev_rewards"), actions=stacked("actions"),
         log_probs=torch.zeros(20, 4), values=torch.zeros(20, 4), rewards=stacked("rewards"),
         dones=stacked("done"), last_value=torch.zeros(4),
+        resets=torch.zeros(20, 4, dtype=torch.bool) if carry_memory else None,
     )
-    agent.train()  # dropout is 0 and noise is off: training mode computes the same function
-    logits, values, _ = replay(agent, rollout)
-    torch.testing.assert_close(logits, torch.stack([r.output.logits[:, 0] for r in records]),
-                               atol=ATOL, rtol=0)
-    torch.testing.assert_close(values, torch.stack([r.output.values[:, 0] for r in records]),
-                               atol=ATOL, rtol=0)
-    assert logits.requires_grad
+    return rollout, records
 
 
 def naive_advantages(rewards, values, dones, last_value, gamma, lam):
@@ -246,25 +256,7 @@ def test_replay_recomputes_a_carried_rollout_exactly(policy):
     ends (replaying with resets would change the steps after them)."""
     task = build_task("corridor", {"min_length": 2, "max_length": 5})
     agent = tiny_agent(policy, task)
-    runner = EnvRunner(task.vector_env(4), agent, task.seeds(3, "train", 4), carry_memory=True)
-    with torch.no_grad():
-        for _ in range(7):
-            runner.step(agent, greedy)
-        start = runner.memory
-        records = [runner.step(agent, sampler(torch.Generator().manual_seed(0)))
-                   for _ in range(20)]
-    assert sum(int(r.done.sum()) for r in records) >= 4
-
-    def stacked(name):
-        return torch.stack([getattr(r, name) for r in records])
-
-    rollout = Rollout(
-        memory=start, observations=stacked("observations"), prev_actions=stacked("prev_actions"),
-        prev_rewards=stacked("prev_rewards"), actions=stacked("actions"),
-        log_probs=torch.zeros(20, 4), values=torch.zeros(20, 4), rewards=stacked("rewards"),
-        dones=stacked("done"), last_value=torch.zeros(4),
-        resets=torch.zeros(20, 4, dtype=torch.bool),
-    )
+    rollout, records = recorded_rollout(agent, task, carry_memory=True)
     agent.train()
     logits, _, _ = replay(agent, rollout)
     torch.testing.assert_close(logits, torch.stack([r.output.logits[:, 0] for r in records]),
