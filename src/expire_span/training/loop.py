@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from expire_span.memory import Memory
+from expire_span.training.aux_gate import run_gate
 from expire_span.training.checkpoint import (
     CHECKPOINTS,
     CheckpointError,
@@ -227,6 +228,8 @@ class TrainingLoop(ABC):
             self.optimizer, learning_rate_factor(run.train)
         )
         self.memory: Memory | None = None
+        self.aux_gate = run_gate(run.train, self.model)
+        """When the policies' auxiliary losses start to act (checkpointed with the trainer)."""
         self._setup()
         if loaded is not None:
             self._restore(loaded)
@@ -273,6 +276,7 @@ class TrainingLoop(ABC):
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
+        state["aux_gate"] = self.aux_gate.state_dict()
         return state
 
     def _restore(self, loaded: LoadedCheckpoint) -> None:
@@ -281,6 +285,7 @@ class TrainingLoop(ABC):
             raise CheckpointError(f"checkpoint {loaded.path} has no trainer state to resume from")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.aux_gate.load_state_dict(state.get("aux_gate"))
         self._reschedule()
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and self.device.type == "cuda":

@@ -35,7 +35,6 @@ from torch import Tensor
 from expire_span.memory import Memory
 from expire_span.model import MemoryAgent
 from expire_span.tasks import RLTask
-from expire_span.training.aux_gate import run_gate
 from expire_span.training.checkpoint import LoadedCheckpoint
 from expire_span.training.loop import TrainingLoop
 from expire_span.training.rollout import (
@@ -132,17 +131,14 @@ class RLTrainer(TrainingLoop):
                                 self.rl.carry_memory)
         self.memory = self.runner.memory
         self.interval = _Interval()
-        self.aux_gate = run_gate(cfg, self.model)
 
     def _trainer_state(self) -> dict[str, Any]:
-        return {**super()._trainer_state(), "runner": self.runner.state(),
-                "aux_gate": self.aux_gate.state_dict()}
+        return {**super()._trainer_state(), "runner": self.runner.state()}
 
     def _restore(self, loaded: LoadedCheckpoint) -> None:
         super()._restore(loaded)
         assert loaded.trainer_state is not None
         self.runner.load_state(loaded.trainer_state["runner"], self.memory)
-        self.aux_gate.load_state_dict(loaded.trainer_state.get("aux_gate"))
 
     def evaluate(self, split: str = "valid", progress: bool = False) -> dict[str, float]:
         return evaluate_agent(

@@ -38,7 +38,6 @@ from torch.nn.parallel import DistributedDataParallel
 from expire_span.memory import Memory
 from expire_span.model import MemoryTransformer
 from expire_span.tasks import MetricAccumulator, SequenceTask, Shard
-from expire_span.training.aux_gate import run_gate
 from expire_span.training.distributed import Group
 from expire_span.training.evaluate import evaluate, forget_restarted_rows
 from expire_span.training.loop import TrainingLoop
@@ -72,14 +71,6 @@ class Trainer(TrainingLoop):
             self.network = DistributedDataParallel(self.model, device_ids=device_ids,
                                                    find_unused_parameters=skips)
         self.interval = _Interval(self.device)
-        self.aux_gate = run_gate(cfg, self.model)
-
-    def _trainer_state(self) -> dict[str, Any]:
-        return {**super()._trainer_state(), "aux_gate": self.aux_gate.state_dict()}
-
-    def _restore(self, loaded) -> None:
-        super()._restore(loaded)
-        self.aux_gate.load_state_dict(loaded.trainer_state.get("aux_gate"))
 
     def _local_memory(self) -> Memory | None:
         if any(memory is None for memory in self.memories):
