@@ -134,13 +134,17 @@ def test_ramp_bias_attention_gradients(bias_heads):
     grad_out = torch.randn(batch, heads, queries, dim, generator=generator)
     expected = dense_attention(q, k, v, bias, 0.0)
     expected_grads = torch.autograd.grad(expected, (q, k, v, bias), grad_out)
-    out = ramp_bias_attention(q, k, v, bias, selected_columns(columns))
-    out_grads = torch.autograd.grad(out, (q, k, v, bias), grad_out)
+    index = selected_columns(columns)
+    by_entry = index[:, None, None, :].expand(-1, bias_heads, queries, -1)
+    column_bias = bias.detach().gather(3, by_entry).requires_grad_()
+    out = ramp_bias_attention(q, k, v, bias.detach(), index, column_bias)
+    out_grads = torch.autograd.grad(out, (q, k, v, column_bias), grad_out)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
     for got, want in zip(out_grads[:3], expected_grads[:3], strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
-    selected = columns[:, None, None, :].expand_as(bias)
-    torch.testing.assert_close(out_grads[3][selected], expected_grads[3][selected],
+    # the gradient of the columns' values is the bias gradient there (index pads row 0 with
+    # unselected columns, whose exact gradient is also returned)
+    torch.testing.assert_close(out_grads[3], expected_grads[3].gather(3, by_entry),
                                atol=1e-5, rtol=1e-4)
 
 
@@ -149,7 +153,7 @@ def test_ramp_bias_attention_gradients(bias_heads):
 
 def naive_adaptive_span_bias(policy, age):
     """The reference: ``log m`` over every entry, differentiated everywhere, no columns named."""
-    return log_mask_bias(policy.mask(age)), None
+    return log_mask_bias(policy.mask(age)), None, None
 
 
 @pytest.mark.parametrize("chunks", [[8, 8, 8, 8, 8], [5, 13, 3, 11]], ids=["blocks", "uneven"])

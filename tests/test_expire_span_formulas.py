@@ -142,10 +142,11 @@ def test_mask_attention_equals_renormalised_masked_softmax(attention):
     context.inputs = inputs
     context.states = LayerMemory(inputs.detach(), context.states.steps, context.states.valid)
     decision = policy.decide(context)
-    bias = decision.bias.masked_fill(~context.visible.unsqueeze(1), float("-inf"))
+    bias, columns = decision.hide(~context.visible.unsqueeze(1), torch.float64)
     steps, queries = torch.tensor(STEPS), torch.tensor(QUERY_STEPS)
     key_values = attention_layer.keys_values(inputs, steps.unsqueeze(0))
-    out = attention_layer(inputs[:, -2:], queries, key_values, bias, decision.bias_grad_index)
+    out = attention_layer(inputs[:, -2:], queries, key_values, bias, decision.bias_grad_index,
+                          columns)
 
     spans = L * torch.sigmoid(inputs[:, :, 0])  # w = (1, 0, 0, 0), b = 0, c = 1
     age = queries[:, None] - steps[None, :]
@@ -223,7 +224,8 @@ def test_ramp_columns_decision_equals_the_full_formulas(spans, noisy):
     results = []
     for decide in (policy.decide, lambda c: full_mask_decision(policy, c, limit)):
         decision = decide(context)
-        bias, aux = (decision.bias, decision.aux_loss) if decide == policy.decide else decision
+        bias, aux = ((decision.differentiable_bias(), decision.aux_loss)
+                     if decide == policy.decide else decision)
         probs = torch.softmax(scores + bias.masked_fill(hidden, -math.inf), dim=-1)
         loss = (probs * scores).sum() + aux
         results.append((bias.detach(), aux.detach(), *torch.autograd.grad(loss, context.inputs)))

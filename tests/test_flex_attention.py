@@ -67,10 +67,10 @@ def record(monkeypatch, policy: str, backend: str) -> list:
     forward = attention_module.MultiHeadAttention.forward
 
     def spy(self, query_inputs, query_steps, key_values, bias, bias_grad_index=None,
-            query_rotation=None, flex=None):
+            bias_columns=None, query_rotation=None, flex=None):
         seen.append(flex if flex is not None else bias)
         return forward(self, query_inputs, query_steps, key_values, bias, bias_grad_index,
-                       query_rotation, flex)
+                       bias_columns, query_rotation, flex)
 
     monkeypatch.setattr(attention_module.MultiHeadAttention, "forward", spy)
     stream(policy, backend, False)

@@ -32,8 +32,8 @@ def token_spans(model: MemoryTransformer, tokens: Tensor) -> Tensor:
     block_length = [0]
 
     def hook_for(index: int):
-        def hook(module, inputs, output):  # output: [1, N, 1] logits of [memory; block]
-            captured[index].append(output[0, -block_length[0]:, 0])
+        def hook(module, inputs, output):  # output: [1, N] spans of [memory; block]
+            captured[index].append(output[0, -block_length[0]:])
         return hook
 
     handles = [
@@ -49,8 +49,7 @@ def token_spans(model: MemoryTransformer, tokens: Tensor) -> Tensor:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    logits = torch.stack([torch.cat(parts) for parts in captured])
-    return model.config.max_span * torch.sigmoid(logits.float()).cpu()
+    return torch.stack([torch.cat(parts) for parts in captured]).float().cpu()
 
 
 def colour_scale(spans: Tensor) -> float:

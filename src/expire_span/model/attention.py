@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from expire_span.config import ModelConfig
 from expire_span.model.flex_attention import FlexPlan, flex_attend
 from expire_span.model.ramp_attention import ramp_bias_attention
+from expire_span.policies.base import scatter_columns
 
 Rotation = tuple[Tensor, Tensor]
 """A rotary table: full-width cos and signed sin, ``[..., N, 1, d]``
@@ -99,6 +100,7 @@ class MultiHeadAttention(nn.Module):
         key_values: Tensor,
         bias: Tensor | None,
         bias_grad_index: Tensor | None = None,
+        bias_columns: Tensor | None = None,
         query_rotation: Rotation | None = None,
         flex: FlexPlan | None = None,
     ) -> Tensor:
@@ -111,6 +113,8 @@ class MultiHeadAttention(nn.Module):
             bias: ``[B, 1 or H, T, N]`` additive scores (``-inf`` hides a key).
             bias_grad_index: ``[B, C]`` int64, optional: the only keys whose bias entries have a
                 nonzero derivative downstream (see :class:`~expire_span.policies.MaskDecision`).
+            bias_columns: ``[B, 1 or H, T, C]``, optional: the differentiable bias on those keys
+                (``bias`` is then constant and already holds their values).
             query_rotation: the rotary table of ``query_steps``, when the caller has it.
             flex: the mask for FlexAttention (``model/flex_attention.py``), used instead of
                 ``bias`` (then ``None``).
@@ -127,15 +131,21 @@ class MultiHeadAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if flex is not None:
             out = flex_attend(q, k, v, flex, dropout)
-        elif (self.fused and bias_grad_index is not None and dropout == 0.0
-                and q.device.type == "cpu" and bias.requires_grad):
+        elif (self.fused and bias_columns is not None and bias_columns.requires_grad
+                and dropout == 0.0 and q.device.type == "cpu"):
             # CPU SDPA would take its math path for a bias requiring grad: fused, columns only.
-            out = ramp_bias_attention(q, k, v, bias.to(q.dtype), bias_grad_index)
-        elif self.fused:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
-                                                 dropout_p=dropout)
+            assert bias is not None and bias_grad_index is not None
+            out = ramp_bias_attention(q, k, v, bias.to(q.dtype), bias_grad_index,
+                                      bias_columns.to(q.dtype))
         else:
-            out = dense_attention(q, k, v, bias, dropout)
+            if bias_columns is not None:
+                assert bias is not None and bias_grad_index is not None
+                bias = scatter_columns(bias, bias_grad_index, bias_columns)
+            if self.fused:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
+                                                     dropout_p=dropout)
+            else:
+                out = dense_attention(q, k, v, bias, dropout)
         return self.out(self._merge(out))
 
     def _merge(self, heads: Tensor) -> Tensor:

@@ -8,9 +8,10 @@ So the forward and the gradients of q, k, v use the fused flash kernel with the 
 and the bias gradient ``dS = P * (dP - D)`` (with ``P = softmax``, ``dP = dO v^T``,
 ``D = rowsum(dO * O)``) is computed on the given columns only (``index`` from
 :func:`~expire_span.policies.base.selected_columns`: rows selecting fewer are padded with other
-columns, whose exact value does no harm); it is 0 on the remaining ones. That is the true
-gradient through the mask as long as the entries of unselected columns have a zero derivative
-downstream (the caller's promise).
+columns, whose exact value does no harm) and handed to the differentiable values of those columns
+(``[B, ., T, C]``), never to a ``[B, ., T, N]`` tensor. That is the true gradient through the mask
+as long as the entries of unselected columns have a zero derivative downstream (the caller's
+promise).
 """
 
 from __future__ import annotations
@@ -22,20 +23,22 @@ from torch import Tensor
 
 
 class RampBiasAttention(torch.autograd.Function):
-    """``softmax(q k^T / sqrt(d) + bias) v`` with the bias gradient restricted to the key
-    columns ``index``."""
+    """``softmax(q k^T / sqrt(d) + bias) v`` where only the key columns ``index`` of the bias
+    carry a gradient, to their values ``columns``."""
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, index: Tensor
-                ) -> Tensor:
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, index: Tensor,
+                columns: Tensor) -> Tensor:
         """``q`` ``[B, H, T, d]``, ``k``/``v`` ``[B, H, N, d]``, ``bias`` ``[B, 1 or H, T, N]``
-        (every row with a finite entry), ``index`` ``[B, C]`` int64 (keys that may carry a bias
-        gradient in some row)."""
+        (every row with a finite entry; a constant that already holds ``columns``), ``index``
+        ``[B, C]`` int64 (keys that may carry a bias gradient in some row), ``columns``
+        ``[B, 1 or H, T, C]`` (the bias on those keys, differentiable)."""
         bias = bias.detach()
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias
         )
         ctx.save_for_backward(q, k, v, bias, index, out, lse)
+        ctx.column_dtype = columns.dtype
         return out
 
     @staticmethod
@@ -45,31 +48,34 @@ class RampBiasAttention(torch.autograd.Function):
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out, q, k, v, out, lse, 0.0, False, attn_mask=bias
         )
-        dbias = None
-        if ctx.needs_input_grad[3]:
-            dbias = _bias_grad(q, k, v, bias, index, out, lse, grad_out)
-        return dq, dk, dv, dbias, None
+        dcolumns = None
+        if ctx.needs_input_grad[5]:
+            dcolumns = _column_grad(q, k, v, bias, index, out, lse, grad_out)
+            dcolumns = dcolumns.to(ctx.column_dtype)
+        return dq, dk, dv, None, None, dcolumns
 
 
-def _bias_grad(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, index: Tensor, out: Tensor,
-               lse: Tensor, grad_out: Tensor) -> Tensor:
-    """``P * (dP - D)`` on the columns ``index`` (``[B, C]``), scattered into zeros and summed
-    over broadcast heads."""
-    head_dim = q.shape[-1]
-    by_key = index[:, None, :, None].expand(-1, k.shape[1], -1, head_dim)
-    k_c, v_c = k.gather(2, by_key), v.gather(2, by_key)  # [B, H, C, d]
+def _column_grad(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, index: Tensor, out: Tensor,
+                 lse: Tensor, grad_out: Tensor) -> Tensor:
+    """``P * (dP - D)`` on the columns ``index`` (``[B, C]``): ``[B, 1 or H, T, C]``, summed
+    over the heads a one-head bias is broadcast to. Keys are gathered as whole rows of the
+    ``[B, N, H, d]`` layout they were projected in, and every ``[B, H, T, C]`` step but the
+    first works in place."""
+    batch, heads, _, head_dim = q.shape
+    rows = index[:, :, None, None].expand(-1, -1, heads, head_dim)
+    k_c = k.transpose(1, 2).gather(1, rows).transpose(1, 2)  # [B, H, C, d]
+    v_c = v.transpose(1, 2).gather(1, rows).transpose(1, 2)
     by_entry = index[:, None, None, :].expand(-1, bias.shape[1], bias.shape[2], -1)
-    bias_c = bias.gather(3, by_entry)  # [B, 1 or H, T, C]
-    scores = torch.matmul(q, k_c.transpose(-1, -2)) * head_dim**-0.5 + bias_c
-    probs = torch.exp(scores - lse.unsqueeze(-1))
+    scores = torch.matmul(q * head_dim**-0.5, k_c.transpose(-1, -2))  # [B, H, T, C]
+    probs = scores.add_(bias.gather(3, by_entry)).sub_(lse.unsqueeze(-1)).exp_()
     delta = (grad_out * out).sum(dim=-1, keepdim=True)  # [B, H, T, 1]
-    grad_c = probs * (torch.matmul(grad_out, v_c.transpose(-1, -2)) - delta)
-    if bias.shape[1] == 1:
+    grad_c = torch.matmul(grad_out, v_c.transpose(-1, -2)).sub_(delta).mul_(probs)
+    if bias.shape[1] == 1 and heads > 1:
         grad_c = grad_c.sum(dim=1, keepdim=True)
-    return torch.zeros_like(bias).scatter_(3, by_entry, grad_c.to(bias.dtype))
+    return grad_c
 
 
-def ramp_bias_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, index: Tensor
-                        ) -> Tensor:
+def ramp_bias_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, index: Tensor,
+                        columns: Tensor) -> Tensor:
     """See :class:`RampBiasAttention`."""
-    return RampBiasAttention.apply(q, k, v, bias, index)
+    return RampBiasAttention.apply(q, k, v, bias, index, columns)

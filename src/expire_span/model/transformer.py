@@ -106,18 +106,13 @@ class TransformerLayer(nn.Module):
 
         if decision.flex is not None:  # FlexAttention: the mask as per-key quantities, no bias
             plan = FlexPlan.build(decision.flex, queries, states.width)
-            attended = self.attention(inputs[:, -queries:], steps, key_values, None, None, rotation,
-                                      flex=plan)
+            attended = self.attention(inputs[:, -queries:], steps, key_values, None,
+                                      query_rotation=rotation, flex=plan)
             memory_size, row_memory_size = plan.memory_size, plan.row_memory_size
         else:
-            hidden_keys = ~visible.unsqueeze(1)
-            if decision.bias is None:
-                bias = torch.zeros_like(hidden_keys, dtype=inputs.dtype)
-            else:
-                bias = decision.bias
-            bias = bias.masked_fill(hidden_keys, float("-inf"))
+            bias, columns = decision.hide(~visible.unsqueeze(1), inputs.dtype)
             attended = self.attention(inputs[:, -queries:], steps, key_values, bias,
-                                      decision.bias_grad_index, rotation)
+                                      decision.bias_grad_index, columns, rotation)
             with torch.no_grad():  # earlier steps seen with nonzero weight (the query excluded)
                 rows = bias.numel() // bias.shape[-1]
                 seen = bias > float("-inf")

@@ -33,8 +33,8 @@ from expire_span.policies.base import (
     MemoryPolicy,
     log_mask_bias,
     ramp_mask,
-    scatter_columns,
     selected_columns,
+    write_columns_,
 )
 from expire_span.policies.flex_mask import SpanMask, key_ages
 
@@ -70,14 +70,16 @@ class AdaptiveSpanPolicy(MemoryPolicy):
                             context.next_step - context.num_queries)
             flex = SpanMask(ages, self.spans(), float(cfg.ramp), cfg.max_span)
             return MaskDecision(bias=None, aux_loss=aux, keep=keep, flex=flex)
-        bias, index = self._bias(context.age)
-        return MaskDecision(bias=bias, aux_loss=aux, keep=keep, bias_grad_index=index)
+        bias, index, columns = self._bias(context.age)
+        return MaskDecision(bias=bias, aux_loss=aux, keep=keep, bias_grad_index=index,
+                            bias_columns=columns)
 
-    def _bias(self, age: Tensor) -> tuple[Tensor, Tensor]:
-        """``[B, H, T, N]`` bias ``log m`` and the ``[B, C]`` key columns outside which it has a
-        zero derivative. ``m`` has one only on its ramp (``0 < 1 + (z - d) / R <= 1``, the clamp
-        passing the gradient at 1, and ``d <= L``), a few distances per head; elsewhere the bias
-        is the constant 0 or ``-inf``. So ``m`` is differentiated on those columns only."""
+    def _bias(self, age: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``[B, H, T, N]`` bias ``log m`` (a constant), the ``[B, C]`` key columns outside which
+        it has a zero derivative and its differentiable values there (``[B, H, T, C]``). ``m``
+        has one only on its ramp (``0 < 1 + (z - d) / R <= 1``, the clamp passing the gradient
+        at 1, and ``d <= L``), a few distances per head; elsewhere the bias is the constant 0 or
+        ``-inf``. So ``m`` is differentiated on those columns only."""
         with torch.no_grad():
             distance = age.unsqueeze(-3).to(self.span_fraction.dtype)
             unclamped = 1.0 + (self.spans().view(-1, 1, 1) - distance) / self.config.ramp
@@ -87,7 +89,7 @@ class AdaptiveSpanPolicy(MemoryPolicy):
         index = selected_columns(columns)  # [B, C]
         ramp_age = age.gather(2, index.unsqueeze(1).expand(-1, age.shape[1], -1))  # [B, T, C]
         ramp = log_mask_bias(self.mask(ramp_age))
-        return scatter_columns(bias, index, ramp), index
+        return write_columns_(bias, index, ramp), index, ramp
 
     def after_optimizer_step(self) -> None:
         """Keep every span in ``[0, L]``."""

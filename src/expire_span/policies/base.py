@@ -52,8 +52,18 @@ def scatter_columns(bias: Tensor, index: Tensor, values: Tensor) -> Tensor:
     """``bias`` (``[B, ..., T, N]``) with the key columns ``index`` (``[B, C]``, from
     :func:`selected_columns`) replaced by ``values`` (``[B, ..., T, C]``): a constant bias with
     its differentiable columns put in."""
+    return bias.scatter(-1, _column_entries(index, bias, values), values)
+
+
+def write_columns_(bias: Tensor, index: Tensor, values: Tensor) -> Tensor:
+    """:func:`scatter_columns` in place and without gradient: ``bias`` (a constant) then holds
+    the values of its differentiable columns (``MaskDecision.bias_columns``)."""
+    return bias.scatter_(-1, _column_entries(index, bias, values), values.detach())
+
+
+def _column_entries(index: Tensor, bias: Tensor, values: Tensor) -> Tensor:
     shape = (index.shape[0],) + (1,) * (bias.dim() - 2) + (index.shape[1],)
-    return bias.scatter(-1, index.view(shape).expand(values.shape), values)
+    return index.view(shape).expand(values.shape)
 
 
 @dataclass
@@ -105,16 +115,48 @@ class MaskDecision:
             outside which the bias has a zero derivative in every row (the policy's promise), so
             that on CPU the layer can use fused attention and compute the bias gradient on these
             columns only; ``None``: unknown.
+        bias_columns: ``[B, 1 or H, T, C]``, optional (with ``bias_grad_index``): the bias on
+            those columns, differentiable; ``bias`` is then a constant that already holds their
+            values, so the gradient is kept on ``[B, ., T, C]`` and never scattered into a
+            ``[B, ., T, N]`` tensor. ``None``: ``bias`` itself carries any gradient.
         flex: the mask as per-key quantities (:mod:`expire_span.policies.flex_mask`), for
             FlexAttention; when set (only asked for when ``BlockContext.flex``) the layer uses it
             and ignores ``bias``. ``None``: the layer attends with ``bias`` (SDPA).
+
+    The layer owns ``bias`` once it is returned (it hides future keys and padding in place).
     """
 
     bias: Tensor | None
     aux_loss: Tensor
     keep: Tensor
     bias_grad_index: Tensor | None = None
+    bias_columns: Tensor | None = None
     flex: FlexMask | None = None
+
+    def hide(self, hidden: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """The bias with the ``hidden`` entries (``[B, 1, T, N]`` bool: future keys, padding) at
+        ``-inf`` (a zero bias where the policy gave none; a constant one is changed in place) and
+        ``bias_columns`` hidden alike: what the attention takes."""
+        bias, columns = self.bias, self.bias_columns
+        if bias is None:
+            bias = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)
+        if bias.requires_grad:
+            bias = bias.masked_fill(hidden, float("-inf"))
+        else:
+            bias.masked_fill_(hidden, float("-inf"))
+        if columns is not None:
+            assert self.bias_grad_index is not None
+            index = self.bias_grad_index
+            by_entry = index[:, None, None, :].expand(-1, 1, hidden.shape[2], -1)
+            columns = columns.masked_fill(hidden.gather(3, by_entry), float("-inf"))
+        return bias, columns
+
+    def differentiable_bias(self) -> Tensor | None:
+        """The whole bias with its gradient: ``bias_columns`` scattered into ``bias``."""
+        if self.bias_columns is None or self.bias is None:
+            return self.bias
+        assert self.bias_grad_index is not None
+        return scatter_columns(self.bias, self.bias_grad_index, self.bias_columns)
 
 
 class MemoryPolicy(nn.Module):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from expire_span.config import ModelConfig
@@ -39,6 +40,7 @@ from expire_span.policies.base import (
     log_mask_bias,
     ramp_mask,
     selected_columns,
+    write_columns_,
 )
 from expire_span.policies.flex_mask import SpanMask, key_ages
 
@@ -59,24 +61,36 @@ def new_span_sum(spans: Tensor, context: BlockContext) -> Tensor:
     return torch.where(valid, spans[:, -queries:], torch.zeros_like(spans[:, -queries:])).sum()
 
 
+class SpanPredictor(nn.Linear):
+    """``e = L * sigmoid(w . h / c + b)`` for states ``h`` (``[B, N, D]`` -> ``[B, N]``); ``c``
+    (``pre_div``) divides ``w . h``, not the ``[B, N, D]`` states. Starts with ``w = 0`` and
+    ``b = logit(p)``, so that every span is ``p * L``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config.d_model, 1)
+        self.max_span, self.pre_div = config.max_span, config.pre_div
+        nn.init.zeros_(self.weight)
+        p = config.init_percentage
+        nn.init.constant_(self.bias, math.log(p) - math.log1p(-p))
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        logits = F.linear(inputs, self.weight).squeeze(-1)
+        if self.pre_div != 1.0:
+            logits = logits / self.pre_div
+        return self.max_span * torch.sigmoid(logits + self.bias)
+
+
 class ExpireSpanPolicy(MemoryPolicy):
     name = "expire-span"
     aux_loss_forgets = True
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__(config, layer_index)
-        self.span_predictor = nn.Linear(config.d_model, 1)
-        nn.init.zeros_(self.span_predictor.weight)
-        nn.init.constant_(self.span_predictor.bias, math.log(config.init_percentage) - math.log1p(
-            -config.init_percentage
-        ))
+        self.span_predictor = SpanPredictor(config)
 
     def spans(self, inputs: Tensor) -> Tensor:
-        """``[B, N]`` expire-spans ``e = L * sigmoid(w . h / c + b)`` of the given states."""
-        if self.config.pre_div != 1.0:
-            inputs = inputs / self.config.pre_div
-        logits = self.span_predictor(inputs).squeeze(-1)
-        return self.config.max_span * torch.sigmoid(logits)
+        """``[B, N]`` expire-spans of the given states (:class:`SpanPredictor`)."""
+        return self.span_predictor(inputs)
 
     def decide(self, context: BlockContext) -> MaskDecision:
         cfg = self.config
@@ -99,16 +113,19 @@ class ExpireSpanPolicy(MemoryPolicy):
         else:
             bias, columns = self._constant_bias(masked_spans.detach(), context.age)
         # Only entries on the ramp have a derivative; they lie in few key columns, so the mask
-        # (and the loss) is differentiated on those columns only and scattered into the rest.
+        # (and the loss) is differentiated on those columns only, the rest being constant.
         index = selected_columns(columns)  # [B, C]
         by_entry = index.unsqueeze(1).expand(-1, context.num_queries, -1)  # [B, T, C]
         remaining = masked_spans.gather(1, index).unsqueeze(1) - context.age.gather(2, by_entry)
         mask = ramp_mask(remaining, cfg.ramp)
+        column_bias = None
         if bias is not None:
-            bias = bias.scatter(2, by_entry, log_mask_bias(mask)).unsqueeze(1)
+            column_bias = log_mask_bias(mask).unsqueeze(1)  # [B, 1, T, C]
+            bias = write_columns_(bias.unsqueeze(1), index, column_bias)
         valid = context.states.valid.gather(1, index).unsqueeze(1)
         aux = self._aux_loss(masked_spans, mask, valid, context)
-        return MaskDecision(bias=bias, aux_loss=aux, keep=keep, bias_grad_index=index, flex=flex)
+        return MaskDecision(bias=bias, aux_loss=aux, keep=keep, bias_grad_index=index,
+                            bias_columns=column_bias, flex=flex)
 
     def _aux_loss(self, spans: Tensor, mask: Tensor, valid: Tensor,
                   context: BlockContext) -> Tensor:
@@ -130,14 +147,17 @@ class ExpireSpanPolicy(MemoryPolicy):
 
     def _constant_bias(self, spans: Tensor, age: Tensor) -> tuple[Tensor, Tensor]:
         """``[B, T, N]`` bias, exact where the mask is 1 (0) or 0 (``-inf``), and the ``[B, N]``
-        columns with an entry in between, where the mask has a derivative: ``1 + r / R`` in
+        columns with an entry in between, where the mask has a derivative: ``u = 1 + r / R`` in
         ``(0, 1]`` (the clamp passes the gradient at 1), computed by :func:`ramp_mask`'s
-        expression, so it selects exactly the entries it would put on the ramp."""
+        expression. ``u`` falls with the query's age, so a column has such an entry iff ``u > 0``
+        at its first query and ``u <= 1`` at its last (for ``R >= 1``, a superset otherwise);
+        every other column is one constant, 0 or ``-inf``: the bias is built from ``[B, N]``
+        values, not from ``[B, T, N]`` arithmetic."""
         with torch.no_grad():
-            unclamped = 1.0 + (spans.unsqueeze(1) - age) / self.config.ramp
-            expired = unclamped <= 0
-            columns = (~expired & (unclamped <= 1)).any(dim=1)
-            bias = torch.zeros_like(unclamped).masked_fill_(expired, float("-inf"))
+            first, last = (1.0 + (spans - age[:, row]) / self.config.ramp for row in (0, -1))
+            columns = (first > 0) & (last <= 1)
+            key_bias = torch.zeros_like(first).masked_fill_(first <= 0, float("-inf"))
+            bias = key_bias.unsqueeze(1).expand(age.shape).contiguous()
         return bias, columns
 
     def _keep(self, context: BlockContext, spans: Tensor) -> Tensor:
