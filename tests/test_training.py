@@ -376,6 +376,14 @@ def test_cli_precedence_preset_then_file_then_flags(tmp_path):
     assert recorded["task_options"]["gap"] == 40
 
 
+def test_cli_refuses_compressive_sizes_for_other_memories(tmp_path, capsys):
+    """--mem-len used to be ignored silently by Transformer-XL (whose window is --max-span)."""
+    out = tmp_path / "run"
+    assert cli("--memory", "transformer-xl", "--mem-len", "8", "--out", str(out)) == 1
+    assert "--mem-len size Compressive's memory" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_cli_resume_refuses_to_change_the_model(tmp_path, capsys):
     config = tmp_path / "run.json"
     config.write_text(json.dumps(TINY))

@@ -122,6 +122,11 @@ def _train(task: str, args: argparse.Namespace, given: dict[str, dict[str, Any]]
     else:
         config = resolve_config(args, given)
         memory = config.model.get("memory", ModelConfig.memory)
+        foreign = [f"--{k.replace('_', '-')}" for k in ("mem_len", "cmem_len")
+                   if k in given.get("model", {})]
+        if foreign and memory != "compressive":
+            raise ValueError(f"{', '.join(foreign)} size Compressive's memory; {memory} does not "
+                             "use them (Transformer-XL's window is --max-span)")
         # every process writes to rank 0's directory (their clocks may disagree on its name)
         out = group.broadcast(
             args.out or f"runs/{config.task}-{memory}-{time.strftime('%Y%m%d-%H%M%S')}"
