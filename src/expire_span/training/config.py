@@ -80,10 +80,6 @@ class TrainConfig:
     their dependency (docs/expire-span.md)."""
     aux_ramp: int = 100
     """Steps over which the auxiliary loss rises from 0 to its full weight once released."""
-    aux_guard: float = 0.0
-    """After the release, hold the auxiliary loss again when the smoothed training loss has
-    given back this fraction of its gain (first loss minus its best since the release); it comes
-    back at half its weight once the loss has recovered. 0 (the default, for now): never."""
     eval_every: int = 200
     eval_batches: int = 20
     """Batches per periodic evaluation (language-modelling tasks read the whole split; RL tasks
@@ -121,8 +117,6 @@ class TrainConfig:
             raise ValueError(f"train.aux_hold must be in [0, 1), got {self.aux_hold}")
         if not 0.0 <= self.aux_hold_until <= 1.0:
             raise ValueError(f"train.aux_hold_until must be in [0, 1], got {self.aux_hold_until}")
-        if not 0.0 <= self.aux_guard < 1.0:
-            raise ValueError(f"train.aux_guard must be in [0, 1), got {self.aux_guard}")
         if self.aux_ramp < 0:
             raise ValueError(f"train.aux_ramp must be >= 0, got {self.aux_ramp}")
         if self.adam_eps <= 0:

@@ -207,7 +207,7 @@ class RLTrainer(TrainingLoop):
         """Hand the auxiliary gate this rollout's failure rate (1 - the mean success of the
         episodes it finished; nothing when it finished none): the RL counterpart of the sequence
         trainer's training loss, falling as the task is learned."""
-        if not self.aux_gate.watching:
+        if self.aux_gate.opened_at is not None:
             return
         finished = rollout.finished
         failure = 1.0 - sum(e.success for e in finished) / len(finished) if finished else None

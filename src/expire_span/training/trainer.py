@@ -125,7 +125,7 @@ class Trainer(TrainingLoop):
     def _observe_loss(self, step: int, task_losses: list[torch.Tensor],
                       scored: torch.Tensor) -> None:
         """Hand the gate the global training loss of the step (one all-reduce, while held)."""
-        if not self.aux_gate.watching:
+        if self.aux_gate.opened_at is not None:
             return
         loss = self.group.sum(torch.stack(task_losses).sum())
         self.aux_gate.observe(step, float(loss) if float(scored) > 0 else None)
