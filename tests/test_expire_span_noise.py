@@ -61,8 +61,8 @@ def test_noisy_training_deletes_by_the_true_spans(monkeypatch, pre_norm):
     keeps without noise, many of them older than any shortened span reaches."""
     forward = TransformerLayer.forward
     monkeypatch.setattr(TransformerLayer, "forward",
-                        lambda self, hidden, memory, steps, u, rotation=None:
-                        forward(self, hidden, memory, steps, 0.05, rotation))
+                        lambda self, hidden, memory, steps, u, *rest:
+                        forward(self, hidden, memory, steps, 0.05, *rest))
     kept = {}
     for noisy in (True, False):
         model = tiny_model(noisy=noisy, pre_norm=pre_norm, init_percentage=0.7).train()

@@ -59,6 +59,24 @@ class LayerOutput:
     """``[B]``: ``memory_size`` of each sample."""
 
 
+def _layer_means(per_block: list[tuple[float, list[LayerOutput]]]
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """The auxiliary loss (summed over layers), ``memory_size`` ``[n_layers]`` and
+    ``row_memory_size`` ``[n_layers, B]`` of a call: each block's, weighted by its share of the
+    call's steps; a few stacked operations per block rather than several per layer."""
+    totals: list[Tensor] = []
+    for weight, results in per_block:
+        aux = torch.stack([r.aux_loss for r in results]).sum()
+        aux = aux.to(torch.promote_types(aux.dtype, torch.float32))
+        sizes = torch.stack([r.memory_size for r in results])
+        rows = torch.stack([r.row_memory_size for r in results])
+        parts = [aux, sizes, rows] if weight == 1.0 else [aux * weight, sizes * weight,
+                                                          rows * weight]
+        totals = parts if not totals else [t + p for t, p in zip(totals, parts, strict=True)]
+    aux_loss, memory_size, row_memory_size = totals
+    return aux_loss, memory_size.float(), row_memory_size.float()
+
+
 class FeedForward(nn.Sequential):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(
@@ -85,9 +103,13 @@ class TransformerLayer(nn.Module):
     def forward(
         self, hidden: Tensor, memory: LayerMemory, steps: Tensor, block_uniform: float,
         rotation: Rotation | None = None,
+        next_step: int | None = None,
     ) -> LayerOutput:
         """Process one block: ``hidden`` ``[B, T, D]`` at absolute ``steps`` ``[T]`` (whose
-        rotary table the model computes once for all layers)."""
+        rotary table, and ``next_step = steps[-1] + 1``, the model computes once for all
+        layers)."""
+        if next_step is None:
+            next_step = int(steps[-1]) + 1
         queries = hidden.shape[1]
         if rotation is None:
             rotation = self.attention.rotary.tables(steps, hidden.dtype)
@@ -99,7 +121,7 @@ class TransformerLayer(nn.Module):
         # Packing once the dead slots reach width / (8 T) bounds both costs to about 1/8.
         slack = states.width // (8 * queries)
         context = BlockContext(
-            states, inputs, age, visible, int(steps[-1]) + 1, block_uniform, self.readout, slack,
+            states, inputs, age, visible, next_step, block_uniform, self.readout, slack,
             flex=self.config.attention == "flex",
         )
         decision = self.policy.decide(context)
@@ -114,10 +136,10 @@ class TransformerLayer(nn.Module):
             attended = self.attention(inputs[:, -queries:], steps, key_values, bias,
                                       decision.bias_grad_index, columns, rotation)
             with torch.no_grad():  # earlier steps seen with nonzero weight (the query excluded)
-                rows = bias.numel() // bias.shape[-1]
-                seen = bias > float("-inf")
-                memory_size = seen.sum() / rows - 1.0
-                row_memory_size = seen.sum(dim=(1, 2, 3)) / (rows // bias.shape[0]) - 1.0
+                per_row = bias.numel() // (bias.shape[0] * bias.shape[-1])  # heads x queries
+                seen = (bias > float("-inf")).sum(dim=(1, 2, 3))
+                row_memory_size = seen / per_row - 1.0
+                memory_size = row_memory_size.mean()
 
         if self.config.pre_norm:
             hidden = hidden + self.dropout(attended)
@@ -239,23 +261,23 @@ class MemoryTransformer(nn.Module):
         batch, total = inputs.shape[:2]
         memory = self.init_memory(batch) if memory is None else self._check_memory(memory, batch)
         layers, next_step = list(memory.layers), memory.next_step
-        outputs, aux_loss = [], inputs.new_zeros((), dtype=torch.float32)
-        memory_size = torch.zeros(len(self.layers), device=inputs.device)
-        row_memory_size = torch.zeros(len(self.layers), batch, device=inputs.device)
+        outputs, per_block = [], []
         for block in inputs.split(self.config.block_len, dim=1):
             length = block.shape[1]
             steps = torch.arange(next_step, next_step + length, device=inputs.device)
             block_uniform = float(torch.rand(())) if self.training else 0.5
             rotation = self.layers[0].attention.rotary.tables(steps, block.dtype)
             hidden = self.dropout(block)
+            results = []
             for index, layer in enumerate(self.layers):
-                result = layer(hidden, layers[index], steps, block_uniform, rotation)
+                result = layer(hidden, layers[index], steps, block_uniform, rotation,
+                               next_step + length)
                 hidden, layers[index] = result.hidden, result.memory
-                aux_loss = aux_loss + result.aux_loss * (length / total)
-                memory_size[index] += result.memory_size * (length / total)
-                row_memory_size[index] += result.row_memory_size * (length / total)
+                results.append(result)
+            per_block.append((length / total, results))
             outputs.append(self.norm_out(hidden))
             next_step += length
+        aux_loss, memory_size, row_memory_size = _layer_means(per_block)
         return EncoderOutput(
             hidden=torch.cat(outputs, dim=1),
             memory=Memory(layers, next_step, self.config.memory),
@@ -278,7 +300,7 @@ class MemoryTransformer(nn.Module):
             raise ValueError(
                 f"tokens must have shape [B, T] with B, T >= 1, got {list(tokens.shape)}"
             )
-        low, high = int(tokens.min()), int(tokens.max())
+        low, high = (int(bound) for bound in torch.aminmax(tokens))
         if low < 0 or high >= self.config.vocab_size:
             raise ValueError(
                 f"token ids must be in [0, {self.config.vocab_size}), got values in [{low}, {high}]"
