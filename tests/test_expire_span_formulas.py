@@ -10,7 +10,7 @@ import torch
 from expire_span.memory import LayerMemory
 from expire_span.model.attention import MultiHeadAttention
 from expire_span.policies import BlockContext
-from expire_span.policies.base import log_mask_bias, ramp_mask
+from expire_span.policies.base import log_mask_bias, ramp_mask, scatter_columns
 from expire_span.policies.expire_span import ExpireSpanPolicy, ramp_loss
 from tests import expire_span_reference as reference
 from tests.helpers import tiny_config, tiny_model
@@ -224,7 +224,8 @@ def test_ramp_columns_decision_equals_the_full_formulas(spans, noisy):
     results = []
     for decide in (policy.decide, lambda c: full_mask_decision(policy, c, limit)):
         decision = decide(context)
-        bias, aux = ((decision.differentiable_bias(), decision.aux_loss)
+        bias, aux = ((scatter_columns(decision.bias, decision.bias_grad_index,
+                                      decision.bias_columns), decision.aux_loss)
                      if decide == policy.decide else decision)
         probs = torch.softmax(scores + bias.masked_fill(hidden, -math.inf), dim=-1)
         loss = (probs * scores).sum() + aux

@@ -74,7 +74,7 @@ class AdaptiveSpanPolicy(MemoryPolicy):
         return MaskDecision(bias=bias, aux_loss=aux, keep=keep, bias_grad_index=index,
                             bias_columns=columns)
 
-    def _bias(self, age: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _bias(self, age: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``[B, H, T, N]`` bias ``log m`` (a constant), the ``[B, C]`` key columns outside which
         it has a zero derivative and its differentiable values there (``[B, H, T, C]``). ``m``
         has one only on its ramp (``0 < 1 + (z - d) / R <= 1``, the clamp passing the gradient

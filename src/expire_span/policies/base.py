@@ -151,13 +151,6 @@ class MaskDecision:
             columns = columns.masked_fill(hidden.gather(3, by_entry), float("-inf"))
         return bias, columns
 
-    def differentiable_bias(self) -> Tensor | None:
-        """The whole bias with its gradient: ``bias_columns`` scattered into ``bias``."""
-        if self.bias_columns is None or self.bias is None:
-            return self.bias
-        assert self.bias_grad_index is not None
-        return scatter_columns(self.bias, self.bias_grad_index, self.bias_columns)
-
 
 class MemoryPolicy(nn.Module):
     """Base class of memory policies: one instance per layer.
