@@ -1,0 +1,145 @@
+"""Where a step's time goes: the profile figures of docs/benchmarks.md.
+
+``train``: one training step (forward, backward, Adam, memory full) of Expire-Span at controlled
+retention and of the Transformer-XL whose window is its average memory size, split into forward,
+backward and optimizer time, plus the time inside the policy's ``decide``. ``decode``: tensor
+operations per generated token (counted with a ``TorchDispatchMode``), by source line.
+
+    OMP_NUM_THREADS=1 python benchmarks/profile_costs.py train --span 1024 --retention 0.25
+    OMP_NUM_THREADS=1 python benchmarks/profile_costs.py decode --memory transformer-xl
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+import traceback
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from expire_span import MemoryTransformer, ModelConfig
+from expire_span.benchmarking import primed_memory, set_retention
+from expire_span.model.generation import generate_stream
+from expire_span.policies.base import MemoryPolicy
+
+SHAPE = {"vocab_size": 256, "d_model": 128, "n_layers": 4, "n_heads": 4, "block_len": 64,
+         "ramp": 32}
+"""The peers benchmarks' small shape."""
+
+
+def training_step(memory: str, span: int, retention: float | None, timers: dict[str, float]
+                  ) -> tuple[Callable[[], None], list[float]]:
+    """A training step (batch 16) adding its forward/backward/optimizer times to ``timers``."""
+    torch.manual_seed(0)
+    model = MemoryTransformer(ModelConfig(max_span=span, memory=memory, **SHAPE))
+    if retention is not None:
+        set_retention(model, retention, 0)
+    generator = torch.Generator().manual_seed(1)
+    state = {"memory": primed_memory(model, 16, generator)}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    sizes: list[float] = []
+
+    def step() -> None:
+        batch = torch.randint(0, 256, (16, SHAPE["block_len"] + 1), generator=generator)
+        start = time.process_time()
+        out = model(batch[:, :-1], state["memory"])
+        loss = F.cross_entropy(out.logits.flatten(0, 1), batch[:, 1:].flatten())
+        forward = time.process_time()
+        optimizer.zero_grad(set_to_none=True)
+        (loss + out.aux_loss).backward()
+        backward = time.process_time()
+        optimizer.step()
+        model.after_optimizer_step()
+        for name, value in (("forward", forward - start), ("backward", backward - forward),
+                            ("optimizer", time.process_time() - backward)):
+            timers[name] += value
+        state["memory"] = out.memory
+        sizes.append(float(out.memory_size.mean()))
+
+    return step, sizes
+
+
+def profile_training(span: int, retention: float, steps: int) -> None:
+    timers = {"es": collections.Counter(), "xl": collections.Counter()}
+    decide = MemoryPolicy.__subclasses__()
+    originals = {cls: cls.decide for cls in decide}
+    current = {"key": "es"}
+
+    def timed(cls):
+        def wrapper(self, context):
+            start = time.process_time()
+            result = originals[cls](self, context)
+            timers[current["key"]]["decide"] += time.process_time() - start
+            return result
+        return wrapper
+
+    for cls in decide:
+        cls.decide = timed(cls)
+    es, sizes = training_step("expire-span", span, retention, timers["es"])
+    for _ in range(3):
+        es()
+    window = round(sum(sizes) / len(sizes))
+    xl, _ = training_step("transformer-xl", window, None, timers["xl"])
+    xl()
+    for counter in timers.values():
+        counter.clear()
+    for _ in range(steps):
+        current["key"] = "es"
+        es()
+        current["key"] = "xl"
+        xl()
+    print(f"L = {span}, retention {retention}: XL window {window}; CPU ms per step")
+    for key, name in (("es", "expire-span"), ("xl", f"transformer-xl({window})")):
+        parts = {k: round(1000 * v / steps, 1) for k, v in timers[key].items()}
+        total = parts["forward"] + parts["backward"] + parts["optimizer"]
+        print(f"  {name}: total {total:.1f} {parts}")
+
+
+def count_decode_ops(memory: str, tokens: int) -> None:
+    torch.manual_seed(0)
+    model = MemoryTransformer(ModelConfig(max_span=1024, memory=memory, **SHAPE)).eval()
+    stream = generate_stream(model, torch.randint(0, 256, (1, 1024)), tokens + 20, seed=0)
+    for _ in range(20):
+        next(stream)
+    counts: collections.Counter[str] = collections.Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ours = [f for f in traceback.extract_stack() if "/expire_span/" in f.filename]
+            where = (f"{ours[-1].filename.split('expire_span/')[-1]}:{ours[-1].lineno}"
+                     if ours else "(outside the package)")
+            counts[where] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        for _ in range(tokens):
+            next(stream)
+    print(f"{memory}: {sum(counts.values()) / tokens:.1f} tensor operations per token")
+    for where, count in counts.most_common(25):
+        print(f"  {count / tokens:6.1f}  {where}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    train = sub.add_parser("train")
+    train.add_argument("--span", type=int, default=1024)
+    train.add_argument("--retention", type=float, default=0.25)
+    train.add_argument("--steps", type=int, default=10)
+    decode = sub.add_parser("decode")
+    decode.add_argument("--memory", default="transformer-xl")
+    decode.add_argument("--tokens", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.what == "train":
+        profile_training(args.span, args.retention, args.steps)
+    else:
+        count_decode_ops(args.memory, args.tokens)
+
+
+if __name__ == "__main__":
+    main()
