@@ -96,6 +96,47 @@ def test_resume_continues_exactly(tmp_path, memory):
     assert a[-1]["loss"] == pytest.approx(b[-1]["loss"], abs=1e-6)
 
 
+SPAN_PARAMETERS = {"expire-span": "span_predictor.", "adaptive-span": "span_fraction"}
+
+
+@pytest.mark.parametrize("memory", sorted(SPAN_PARAMETERS))
+def test_span_lr_scale_scales_the_first_step_of_the_span_parameters_only(tmp_path, memory):
+    """Adam's first step moves every parameter by lr * sign(gradient): with the factor s the
+    span parameters move s times as far and nothing else changes."""
+    moves = {}
+    for scale in (1.0, 0.25):
+        run = tiny_run(memory, steps=1, eval_every=1, checkpoint_every=1)
+        run.model.update(span_lr_scale=scale, init_percentage=0.3)  # spans 4.8: ramps reached
+        trainer = Trainer(run, tmp_path / str(scale), progress=False)
+        start = params(trainer.model)
+        trainer.fit()
+        moves[scale] = {k: v - start[k] for k, v in params(trainer.model).items()}
+    span_names = [k for k in moves[1.0] if SPAN_PARAMETERS[memory] in k]
+    assert span_names
+    for name, move in moves[1.0].items():
+        expected = 0.25 * move if name in span_names else move
+        torch.testing.assert_close(moves[0.25][name], expected, rtol=1e-4, atol=1e-9)
+    assert any(moves[1.0][k].abs().max() > 0 for k in span_names)
+
+
+@pytest.mark.parametrize("memory", sorted(SPAN_PARAMETERS))
+def test_resume_with_a_span_parameter_group_continues_exactly(tmp_path, memory):
+    def run(steps):
+        config = tiny_run(memory, steps=steps)
+        config.model["span_lr_scale"] = 0.5
+        return config
+
+    straight = Trainer(run(6), tmp_path / "a", progress=False)
+    straight.fit()
+    assert len(straight.optimizer.param_groups) == 2
+    Trainer(run(4), tmp_path / "b", progress=False).fit()
+    resumed = Trainer(None, tmp_path / "b", resume=True, resume_overrides={"steps": 6},
+                      progress=False)
+    resumed.fit()
+    for name, value in params(straight.model).items():
+        torch.testing.assert_close(params(resumed.model)[name], value, atol=0, rtol=0)
+
+
 def test_a_learning_rate_drop_continues_a_finished_run_as_if_planned(tmp_path):
     """The released enwik8 run's second phase: a run planned with its drop at step 4 (lr x 0.1
     for steps 5 and 6) equals a 4-step run without it continued by --resume with --steps 6

@@ -67,6 +67,10 @@ class ModelConfig:
     """p: every span starts at p * L (bias = logit(p), weights = 0)."""
     pre_div: float = 1.0
     """c: the span predictor sees h / c, keeping the sigmoid out of saturation for large L."""
+    span_lr_scale: float = 1.0
+    """Learning-rate factor of the span parameters (Expire-Span's predictor, Adaptive-Span's
+    spans): with Adam a span moves by about ``lr * L`` per step whatever its gradient's size, so
+    a long L needs a smaller factor for a span to settle at its ramp (docs/expire-span.md)."""
     noisy: bool = False
     """Random span shortening during training: spans clamped to u * L, u ~ U(0, 1) per block."""
     prune_expired: bool = True
@@ -136,6 +140,8 @@ class ModelConfig:
             raise ValueError(f"init_percentage must be in (0, 1), got {self.init_percentage!r}")
         if self.pre_div <= 0:
             raise ValueError(f"pre_div must be > 0, got {self.pre_div!r}")
+        if self.span_lr_scale <= 0:
+            raise ValueError(f"span_lr_scale must be > 0, got {self.span_lr_scale!r}")
         if self.rope_base <= 1:
             raise ValueError(f"rope_base must be > 1, got {self.rope_base!r}")
         if self.attention not in ATTENTION_BACKENDS:

@@ -47,6 +47,10 @@ class AdaptiveSpanPolicy(MemoryPolicy):
         super().__init__(config, layer_index)
         self.span_fraction = nn.Parameter(torch.full((config.n_heads,), config.adapt_span_init))
 
+    @property
+    def lr_scale(self) -> float:
+        return self.config.span_lr_scale
+
     def spans(self) -> Tensor:
         """``[H]`` current spans ``z = L * f``."""
         return self.config.max_span * self.span_fraction

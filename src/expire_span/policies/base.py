@@ -176,6 +176,12 @@ class MemoryPolicy(nn.Module):
         self.config = config
         self.layer_index = layer_index
 
+    @property
+    def lr_scale(self) -> float:
+        """Factor on the learning rate of this policy's own parameters (trainers put them in a
+        parameter group of their own when it is not 1)."""
+        return 1.0
+
     def empty_memory(
         self, batch_size: int, device: torch.device | str, dtype: torch.dtype
     ) -> LayerMemory:

@@ -88,6 +88,10 @@ class ExpireSpanPolicy(MemoryPolicy):
         super().__init__(config, layer_index)
         self.span_predictor = SpanPredictor(config)
 
+    @property
+    def lr_scale(self) -> float:
+        return self.config.span_lr_scale
+
     def spans(self, inputs: Tensor) -> Tensor:
         """``[B, N]`` expire-spans of the given states (:class:`SpanPredictor`)."""
         return self.span_predictor(inputs)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from expire_span.memory import Memory
@@ -51,6 +51,22 @@ RESUMABLE_TRAIN_FIELDS = frozenset(
 )
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
+
+
+def parameter_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: one per learning-rate factor, where a module states its own
+    (``lr_scale``, e.g. a memory policy's span parameters) for the parameters it holds directly
+    or below it; the rest at ``lr``. With every factor 1 this is one group, as before."""
+    scales: dict[int, float] = {}
+    for module in model.modules():
+        scale = getattr(module, "lr_scale", None)
+        if isinstance(scale, float) and scale != 1.0:
+            for parameter in module.parameters():
+                scales[id(parameter)] = scale
+    groups: dict[float, list[nn.Parameter]] = {}
+    for parameter in model.parameters():
+        groups.setdefault(scales.get(id(parameter), 1.0), []).append(parameter)
+    return [{"params": params, "lr": lr * scale} for scale, params in groups.items()]
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradients became NaN or infinite; training stopped before the update."""
@@ -221,8 +237,8 @@ class TrainingLoop(ABC):
             self.model = run.build_model(vocab_size(self.task))
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=run.train.lr, weight_decay=run.train.weight_decay,
-            eps=run.train.adam_eps,
+            parameter_groups(self.model, run.train.lr), lr=run.train.lr,
+            weight_decay=run.train.weight_decay, eps=run.train.adam_eps,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, learning_rate_factor(run.train)
