@@ -92,6 +92,55 @@ def test_resume_continues_exactly(tmp_path, carry):
             == [[r[k] for k in keys] for r in b if r["split"] == "train"])
 
 
+def test_curriculum_lengths_grow_from_a_tenth_to_the_options():
+    task = RunConfig.from_dict(get_preset("corridor-long").config).build_task()
+    assert (task.options.min_length, task.options.max_length) == (100, 200)
+    assert task.options.step_limit is None  # 2 x (max_length + 1): it follows the lengths
+    assert task.curriculum_options(0.0) == {"min_length": 10, "max_length": 20}
+    assert task.curriculum_options(0.5) == {"min_length": 55, "max_length": 110}
+    assert task.curriculum_options(1.0) == {"min_length": 100, "max_length": 200}
+    assert task.curriculum_options(3.0) == task.curriculum_options(1.0)
+    task.options.step_limit = 500
+    assert task.curriculum_options(0.0)["step_limit"] == 50
+
+
+def test_curriculum_sets_the_episode_lengths_of_each_update(tmp_path):
+    run = tiny_run({"curriculum_updates": 3}, seq_len=40, log_every=1)
+    run.task_options.update(min_length=10, max_length=20)
+    trainer = RLTrainer(run, tmp_path, progress=False)
+    longest = []
+    for step in range(4):
+        trainer._train_step(step)
+        envs = trainer.runner.envs.get_attr("unwrapped")
+        longest.append({env.options.max_length for env in envs})
+        if step == 0:  # 20 x 0.1 = 2: every episode ends within its limit 2 x (2 + 1)
+            assert trainer.interval.episodes
+            assert max(e.length for e in trainer.interval.episodes) <= 6
+    assert longest == [{2}, {8}, {14}, {20}]  # 20 x (0.1 + 0.9 x step / 3)
+    evaluation = RLTrainer(run, tmp_path / "eval", progress=False).task.options
+    assert evaluation.max_length == 20  # evaluation builds its episodes from the options
+
+
+def test_curriculum_is_logged_and_resumes_exactly(tmp_path):
+    rl = {"curriculum_updates": 3, "carry_memory": True}
+    straight = RLTrainer(tiny_run(rl, log_every=1), tmp_path / "a", progress=False)
+    straight.fit()
+    RLTrainer(tiny_run(rl, steps=2, log_every=1), tmp_path / "b", progress=False).fit()
+    resumed = RLTrainer(None, tmp_path / "b", resume=True, progress=False,
+                        resume_overrides={"steps": 4})
+    resumed.fit()
+    for name, value in params(straight.model).items():
+        torch.testing.assert_close(params(resumed.model)[name], value, atol=0, rtol=0)
+    levels = [r["curriculum_level"] for r in read_metrics(tmp_path / "b") if r["split"] == "train"]
+    assert levels == pytest.approx([0, 1 / 3, 2 / 3, 1])
+
+
+def test_a_task_without_a_curriculum_refuses_one(tmp_path):
+    run = RunConfig.from_dict({**get_preset("portal-long").config, "rl": {"curriculum_updates": 5}})
+    with pytest.raises(ValueError, match="no episode-length curriculum"):
+        RLTrainer(run, tmp_path, progress=False)
+
+
 def test_evaluation_uses_fresh_seeds_and_is_reproducible(tmp_path):
     trainer = RLTrainer(tiny_run(), tmp_path, progress=False)
     agent, task = trainer.model.train(), trainer.task

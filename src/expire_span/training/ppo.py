@@ -131,6 +131,14 @@ class RLTrainer(TrainingLoop):
                                 self.rl.carry_memory)
         self.memory = self.runner.memory
         self.interval = _Interval()
+        if self.rl.curriculum_updates:
+            self.task.curriculum_options(0.0)  # refuses a task without one, before training
+
+    def curriculum_level(self, step: int) -> float:
+        """How far the episode lengths have grown at update ``step`` (1: the task's options)."""
+        if not self.rl.curriculum_updates:
+            return 1.0
+        return min(1.0, step / self.rl.curriculum_updates)
 
     def _trainer_state(self) -> dict[str, Any]:
         return {**super()._trainer_state(), "runner": self.runner.state()}
@@ -178,6 +186,9 @@ class RLTrainer(TrainingLoop):
         )
 
     def _train_step(self, step: int) -> None:
+        if self.rl.curriculum_updates:
+            self.runner.envs.call("set_options", **self.task.curriculum_options(
+                self.curriculum_level(step)))
         rollout = self.collect()
         rl = self.rl
         advantages, returns = gae(rollout.rewards, rollout.values, rollout.dones,
@@ -216,6 +227,8 @@ class RLTrainer(TrainingLoop):
     def _log_record(self, step: int) -> dict[str, Any]:
         record = self.interval.flush(step, self.scheduler.get_last_lr()[0])
         record["aux_weight"] = self.aux_gate.scale(step - 1)  # of the last update taken
+        if self.rl.curriculum_updates:
+            record["curriculum_level"] = self.curriculum_level(step - 1)
         return record
 
     def _postfix(self, record: dict[str, Any]) -> dict[str, str]:

@@ -39,6 +39,10 @@ class SymbolicEnv(gym.Env):
     def __init__(self, **options: Any) -> None:
         self.options = self.Options(**options)
 
+    def set_options(self, **changes: Any) -> None:
+        """Change options (validated as at construction); they apply from the next episode."""
+        self.options = dataclasses.replace(self.options, **changes)
+
     def _observation(self, *tokens: int) -> np.ndarray:
         return np.asarray(tokens, dtype=np.int64)
 
@@ -99,6 +103,11 @@ class RLTask:
     env_id: ClassVar[str]
     primary_metric: ClassVar[str] = "success_rate"
     higher_is_better: ClassVar[bool] = True
+    curriculum_fields: ClassVar[tuple[str, ...]] = ()
+    """Integer options that set the episode lengths, scaled by a curriculum
+    (:meth:`curriculum_options`); empty: the task has none."""
+    CURRICULUM_START: ClassVar[float] = 0.1
+    """Where a curriculum starts: this fraction of every length option."""
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -125,6 +134,19 @@ class RLTask:
         the decision the task scores, where the memory matters (the evaluation reports the
         memory size there, ``memory_at_decision``). Default: every step."""
         return np.ones(len(observations), dtype=bool)
+
+    def curriculum_options(self, level: float) -> dict[str, int]:
+        """The length options at curriculum ``level`` in [0, 1]: each of
+        :attr:`curriculum_fields` times ``START + (1 - START) * level``, rounded, at least 1
+        where the option is (an option left at None stays None); ``ValueError`` if the task has
+        no such options."""
+        if not self.curriculum_fields:
+            raise ValueError(f"task {self.name!r} has no episode-length curriculum "
+                             "(rl.curriculum_updates must be 0)")
+        factor = self.CURRICULUM_START + (1.0 - self.CURRICULUM_START) * min(max(level, 0.0), 1.0)
+        values = self.options_dict()
+        return {name: max(min(values[name], 1), round(values[name] * factor))
+                for name in self.curriculum_fields if values[name] is not None}
 
     def options_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)

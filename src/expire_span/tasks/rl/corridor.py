@@ -107,6 +107,7 @@ class CorridorTask(RLTask):
     Options = CorridorOptions
     env_class = CorridorEnv
     env_id = "expire_span/Corridor-v0"
+    curriculum_fields = ("min_length", "max_length", "step_limit")
 
     options: CorridorOptions
 

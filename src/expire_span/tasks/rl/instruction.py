@@ -146,6 +146,7 @@ class InstructionTask(RLTask):
     Options = InstructionOptions
     env_class = InstructionEnv
     env_id = "expire_span/Instruction-v0"
+    curriculum_fields = ("min_delay", "max_delay")
 
     options: InstructionOptions
 
