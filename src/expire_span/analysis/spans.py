@@ -16,40 +16,60 @@ from expire_span.model import MemoryTransformer
 from expire_span.policies.expire_span import ExpireSpanPolicy
 
 
-@torch.no_grad()
-def token_spans(model: MemoryTransformer, tokens: Tensor) -> Tensor:
-    """``[n_layers, T]`` expire-span of every token of ``tokens`` (``[T]``) in every layer."""
+def expire_span_policies(model: MemoryTransformer) -> list[ExpireSpanPolicy]:
+    """The model's layer policies; ``ValueError`` unless every layer is Expire-Span."""
     policies = [layer.policy for layer in model.layers]
     if not all(isinstance(policy, ExpireSpanPolicy) for policy in policies):
         raise ValueError(
             f"span analysis needs an expire-span model; this one uses {model.config.memory!r}"
         )
-    if tokens.dim() != 1 or tokens.numel() == 0:
-        raise ValueError("token_spans expects a non-empty 1-D sequence of token ids")
+    return policies
+
+
+@torch.no_grad()
+def stream(model: MemoryTransformer, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Read ``tokens`` (``[B, T]``, each row one stream from an empty memory) block by block as
+    evaluation does; return the next-token losses in nats (``[B, T - 1]``, position ``t``
+    predicts token ``t + 1``) and every token's span in every layer (``[n_layers, B, T]``)."""
+    policies = expire_span_policies(model)
+    if tokens.dim() != 2 or tokens.shape[1] == 0:
+        raise ValueError("stream expects [B, T] token ids with T >= 1")
     was_training = model.training
     model.eval()
     captured: list[list[Tensor]] = [[] for _ in policies]
     block_length = [0]
 
     def hook_for(index: int):
-        def hook(module, inputs, output):  # output: [1, N] spans of [memory; block]
-            captured[index].append(output[0, -block_length[0]:])
+        def hook(module, inputs, output):  # output: [B, N] spans of [memory; block]
+            captured[index].append(output[:, -block_length[0]:])
         return hook
 
-    handles = [
-        policy.span_predictor.register_forward_hook(hook_for(i))
-        for i, policy in enumerate(policies)
-    ]
+    handles = [policy.span_predictor.register_forward_hook(hook_for(i))
+               for i, policy in enumerate(policies)]
+    losses = []
     try:
         memory = None
-        for block in tokens.to(model.device).unsqueeze(0).split(model.config.block_len, dim=1):
+        tokens = tokens.to(model.device)
+        for block in tokens.split(model.config.block_len, dim=1):
             block_length[0] = block.shape[1]
-            memory = model(block, memory).memory
+            out = model(block, memory)
+            memory = out.memory
+            losses.append(out.logits.float().log_softmax(-1))
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return torch.stack([torch.cat(parts) for parts in captured]).float().cpu()
+    log_probs = torch.cat(losses, dim=1)[:, :-1]
+    nll = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]
+    spans = torch.stack([torch.cat(parts, dim=1) for parts in captured])
+    return nll.cpu(), spans.float().cpu()
+
+
+def token_spans(model: MemoryTransformer, tokens: Tensor) -> Tensor:
+    """``[n_layers, T]`` expire-span of every token of ``tokens`` (``[T]``) in every layer."""
+    if tokens.dim() != 1 or tokens.numel() == 0:
+        raise ValueError("token_spans expects a non-empty 1-D sequence of token ids")
+    return stream(model, tokens.unsqueeze(0))[1][:, 0]
 
 
 def colour_scale(spans: Tensor) -> float:
