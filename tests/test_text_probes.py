@@ -18,6 +18,7 @@ from expire_span.analysis.text_probes import (
 )
 from tests.helpers import tiny_model
 
+
 def tokens(rows: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 13, (rows, length), generator=torch.Generator().manual_seed(seed))
 

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from expire_span.analysis.spans import expire_span_policies, stream
+from expire_span.analysis.spans import expire_span_policies
 from expire_span.model import MemoryTransformer
 
 WORD = re.compile(r"[A-Za-z]+")
