@@ -132,7 +132,25 @@ def test_curriculum_is_logged_and_resumes_exactly(tmp_path):
     for name, value in params(straight.model).items():
         torch.testing.assert_close(params(resumed.model)[name], value, atol=0, rtol=0)
     levels = [r["curriculum_level"] for r in read_metrics(tmp_path / "b") if r["split"] == "train"]
-    assert levels == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    assert levels == pytest.approx([1 / 3, 2 / 3, 1, 1])  # after each update
+
+
+def test_a_gated_curriculum_waits_for_the_success_rate(tmp_path):
+    run = tiny_run({"curriculum_updates": 2, "curriculum_success": 0.6}, steps=1)
+    trainer = RLTrainer(run, tmp_path, progress=False)
+
+    def rollout(successes):
+        return Rollout(*([None] * 10), finished=[Episode(0, s, 3, s) for s in successes])
+
+    trainer._advance_curriculum(rollout([1.0, 0.0]))  # 0.5 < 0.6: wait
+    assert trainer.curriculum_level == 0.0
+    trainer._advance_curriculum(rollout([]))  # nothing finished: wait
+    assert trainer.curriculum_level == 0.0
+    trainer._advance_curriculum(rollout([1.0, 1.0, 0.0]))  # 0.67: advance
+    assert trainer.curriculum_level == 0.5
+    for _ in range(3):
+        trainer._advance_curriculum(rollout([1.0]))
+    assert trainer.curriculum_level == 1.0
 
 
 def test_a_task_without_a_curriculum_refuses_one(tmp_path):

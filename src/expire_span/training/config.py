@@ -158,9 +158,12 @@ class RLConfig:
     start visible as the "none" previous action) instead of resetting it at every episode end,
     so that old episodes' memories age out and a span loss acts; evaluation does the same."""
     curriculum_updates: int = 0
-    """Updates over which the task's episode lengths grow linearly from
-    ``RLTask.CURRICULUM_START`` of their options to the options themselves (0: none); evaluation
-    always uses the options. Tasks without length options refuse it."""
+    """Updates over which the task's episode lengths grow linearly from a tenth of their options
+    to the options themselves (0: no curriculum); evaluation always uses the options. Tasks
+    without length options refuse it."""
+    curriculum_success: float = 0.0
+    """The curriculum only advances after an update whose finished training episodes succeeded
+    at least this often (0: it advances every update); the lengths wait for the policy."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
@@ -169,6 +172,9 @@ class RLConfig:
             raise ValueError("rl.clip_range must be > 0 and rl.epochs >= 1")
         if self.value_coef < 0 or self.entropy_coef < 0:
             raise ValueError("rl.value_coef and rl.entropy_coef must be >= 0")
+        if not 0 <= self.curriculum_success <= 1:
+            raise ValueError(f"rl.curriculum_success must be in [0, 1], got "
+                             f"{self.curriculum_success!r}")
         if not isinstance(self.curriculum_updates, int) or self.curriculum_updates < 0:
             raise ValueError(f"rl.curriculum_updates must be an integer >= 0, got "
                              f"{self.curriculum_updates!r}")

@@ -131,22 +131,20 @@ class RLTrainer(TrainingLoop):
                                 self.rl.carry_memory)
         self.memory = self.runner.memory
         self.interval = _Interval()
+        self.curriculum_advances = 0
+        """Updates after which the curriculum advanced (checkpointed)."""
         if self.rl.curriculum_updates:
             self.task.curriculum_options(0.0)  # refuses a task without one, before training
 
-    def curriculum_level(self, step: int) -> float:
-        """How far the episode lengths have grown at update ``step`` (1: the task's options)."""
-        if not self.rl.curriculum_updates:
-            return 1.0
-        return min(1.0, step / self.rl.curriculum_updates)
-
     def _trainer_state(self) -> dict[str, Any]:
-        return {**super()._trainer_state(), "runner": self.runner.state()}
+        return {**super()._trainer_state(), "runner": self.runner.state(),
+                "curriculum_advances": self.curriculum_advances}
 
     def _restore(self, loaded: LoadedCheckpoint) -> None:
         super()._restore(loaded)
         assert loaded.trainer_state is not None
         self.runner.load_state(loaded.trainer_state["runner"], self.memory)
+        self.curriculum_advances = loaded.trainer_state.get("curriculum_advances", 0)
 
     def evaluate(self, split: str = "valid", progress: bool = False) -> dict[str, float]:
         return evaluate_agent(
@@ -187,8 +185,8 @@ class RLTrainer(TrainingLoop):
 
     def _train_step(self, step: int) -> None:
         if self.rl.curriculum_updates:
-            self.runner.envs.call("set_options", **self.task.curriculum_options(
-                self.curriculum_level(step)))
+            self.runner.envs.call("set_options",
+                                  **self.task.curriculum_options(self.curriculum_level))
         rollout = self.collect()
         rl = self.rl
         advantages, returns = gae(rollout.rewards, rollout.values, rollout.dones,
@@ -213,6 +211,24 @@ class RLTrainer(TrainingLoop):
                 clip_fraction = ((ratio - 1.0).abs() > rl.clip_range).float().mean()
             self.interval.add_update(policy_loss, value_loss, entropy, aux_loss, clip_fraction)
         self._observe_failures(step, rollout)
+        self._advance_curriculum(rollout)
+
+    @property
+    def curriculum_level(self) -> float:
+        """How far the episode lengths have grown (1: the task's options)."""
+        updates = self.rl.curriculum_updates
+        return min(1.0, self.curriculum_advances / updates) if updates else 1.0
+
+    def _advance_curriculum(self, rollout: Rollout) -> None:
+        """One step of ``1 / curriculum_updates`` towards the full lengths, after a rollout whose
+        finished episodes reached ``curriculum_success`` (a rollout that finished none waits)."""
+        rl = self.rl
+        if not rl.curriculum_updates or self.curriculum_level >= 1.0:
+            return
+        finished = rollout.finished
+        success = sum(e.success for e in finished) / len(finished) if finished else -1.0
+        if success >= rl.curriculum_success:
+            self.curriculum_advances += 1
 
     def _observe_failures(self, step: int, rollout: Rollout) -> None:
         """Hand the auxiliary gate this rollout's failure rate (1 - the mean success of the
@@ -228,7 +244,7 @@ class RLTrainer(TrainingLoop):
         record = self.interval.flush(step, self.scheduler.get_last_lr()[0])
         record["aux_weight"] = self.aux_gate.scale(step - 1)  # of the last update taken
         if self.rl.curriculum_updates:
-            record["curriculum_level"] = self.curriculum_level(step - 1)
+            record["curriculum_level"] = self.curriculum_level  # for the next update
         return record
 
     def _postfix(self, record: dict[str, Any]) -> dict[str, str]:
