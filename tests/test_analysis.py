@@ -9,6 +9,7 @@ import torch
 
 from expire_span.analysis import plot_run, render_html, render_png, token_spans
 from expire_span.cli import main
+from expire_span.training.config import vocab_size
 from tests.helpers import tiny_model
 from tests.test_training import TINY
 
@@ -67,3 +68,32 @@ def test_spans_command_needs_a_text_task(tmp_path, capsys):
     text.write_text("hello")
     assert main(["spans", "--checkpoint", str(run), "--text", str(text)]) == 1
     assert "has no text form" in capsys.readouterr().err
+
+
+def test_agent_spans_record_each_new_state_with_the_observation_that_made_it():
+    from expire_span.analysis.agent_spans import agent_spans, mean_spans_by
+    from expire_span.training import RunConfig, get_preset
+
+    run = RunConfig.from_dict(get_preset("corridor-test").config)
+    run.model["memory"] = "expire-span"
+    task = run.build_task()
+    torch.manual_seed(0)
+    agent = run.build_model(vocab_size(task))
+    layer = agent.transformer.layers[0]
+    torch.nn.init.normal_(layer.policy.span_predictor.weight, std=1.0)
+    record = agent_spans(agent, task, steps=60, num_envs=3)
+    assert record.spans.shape == (agent.config.n_layers, 60, 3)
+    cue = record.observations[..., 0] < task.options.colours
+    assert (record.episode_start == cue).all()  # the cue is shown at an episode's first step only
+    assert record.episode_start[0].all()
+    with torch.no_grad():  # a cue step reads (cue c, no previous action, reward 0)
+        for colour in range(task.options.colours):
+            inputs = agent.embed(torch.tensor([[[colour]]]), torch.tensor([[agent.num_actions]]),
+                                 torch.zeros(1, 1))
+            expected = layer.policy.spans(layer.norm_attention(inputs))[0, 0]
+            chosen = torch.as_tensor(record.observations[..., 0] == colour)
+            if bool(chosen.any()):
+                torch.testing.assert_close(record.spans[0][chosen],
+                                           expected.expand(int(chosen.sum())))
+    table = mean_spans_by(record.spans, {"cue": cue, "none": cue & ~cue})
+    assert set(table) == {"cue"} and table["cue"]["steps"] == int(cue.sum())
