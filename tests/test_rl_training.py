@@ -104,6 +104,17 @@ def test_curriculum_lengths_grow_from_a_tenth_to_the_options():
     assert task.curriculum_options(0.0)["step_limit"] == 50
 
 
+def test_with_a_curriculum_spans_start_above_its_first_dependency():
+    config = get_preset("corridor-long").config
+    plain = RunConfig.from_dict(config).resolved().model
+    # the rule's starting span 1.25 x dependency + R' + M with R' = M / 2 = 2 and M = 4
+    assert plain["init_percentage"] * 512 == pytest.approx(1.25 * 200 + 2 + 4)
+    staged = RunConfig.from_dict({**config, "rl": {**config["rl"], "curriculum_updates": 100}})
+    model = staged.resolved().model  # first lengths 10-20
+    assert model["init_percentage"] * 512 == pytest.approx(1.25 * 20 + 2 + 4)
+    assert model["adapt_span_init"] == model["init_percentage"]
+
+
 def test_curriculum_sets_the_episode_lengths_of_each_update(tmp_path):
     run = tiny_run({"curriculum_updates": 3}, seq_len=40, log_every=1)
     run.task_options.update(min_length=10, max_length=20)

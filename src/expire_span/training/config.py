@@ -256,8 +256,13 @@ class RunConfig:
     def with_span_settings(self, task: SequenceTask | RLTask) -> RunConfig:
         """A copy whose model fills the span hyperparameters it leaves unset from
         :func:`~expire_span.training.span_rule.span_settings`, when the task states its
-        dependency length (``task.dependency_length``); otherwise this config."""
+        dependency length (``task.dependency_length``; with an RL curriculum, that of its
+        first, shortest episodes); otherwise this config."""
         dependency = getattr(task, "dependency_length", None)
+        if isinstance(task, RLTask) and self.rl.get("curriculum_updates"):
+            # spans start above the first dependency the agent meets and grow with the lengths
+            first = build_task(self.task, {**task.options_dict(), **task.curriculum_options(0.0)})
+            dependency = first.dependency_length
         missing = [name for name in DERIVED_FIELDS if name not in self.model]
         if dependency is None or not missing:
             return self
