@@ -255,6 +255,21 @@ def test_the_gate_opens_when_the_failure_rate_halves(tmp_path):
     assert step == 8 and gate.scale(step + 1) == 1.0
 
 
+def test_during_a_curriculum_the_gate_waits_for_the_full_lengths(tmp_path):
+    run = tiny_run({"curriculum_updates": 2}, aux_hold=0.5, aux_hold_until=1.0, aux_ramp=0,
+                   steps=100)
+    trainer = RLTrainer(run, tmp_path, progress=False)
+    failed, success = Episode(0, 0.0, 3, 0.0), Episode(0, 1.0, 3, 1.0)
+    trainer._observe_failures(0, Rollout(*[None] * 10, finished=[failed]))
+    assert trainer.aux_gate.start_loss is None  # level 0: not observed
+    trainer.curriculum_advances = 2  # full lengths from here
+    trainer._observe_failures(1, Rollout(*[None] * 10, finished=[failed]))
+    assert trainer.aux_gate.start_loss == 1.0
+    for step in range(2, 12):
+        trainer._observe_failures(step, Rollout(*[None] * 10, finished=[success]))
+    assert trainer.aux_gate.opened_at is not None
+
+
 def test_carried_training_replays_what_it_acted_and_keeps_memory(tmp_path):
     trainer = RLTrainer(tiny_run({"carry_memory": True}, steps=1), tmp_path, progress=False)
     rollout = trainer.collect()

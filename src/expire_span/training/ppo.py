@@ -233,9 +233,11 @@ class RLTrainer(TrainingLoop):
     def _observe_failures(self, step: int, rollout: Rollout) -> None:
         """Hand the auxiliary gate this rollout's failure rate (1 - the mean success of the
         episodes it finished; nothing when it finished none): the RL counterpart of the sequence
-        trainer's training loss, falling as the task is learned."""
-        if self.aux_gate.opened_at is not None:
-            return
+        trainer's training loss, falling as the task is learned. During a curriculum the gate
+        sees nothing: span penalties wait until the full-length task is being learned (the
+        gate's deadline, ``aux_hold_until``, still applies)."""
+        if self.aux_gate.opened_at is not None or self.curriculum_level < 1.0:
+            return  # with a curriculum the hold counts from the full lengths on
         finished = rollout.finished
         failure = 1.0 - sum(e.success for e in finished) / len(finished) if finished else None
         self.aux_gate.observe(step, failure)
