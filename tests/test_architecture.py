@@ -17,7 +17,7 @@ ALLOWED = {
     "model": {"config", "memory", "policies"},
     "tasks": {"config"},
     "training": {"config", "memory", "policies", "model", "tasks"},
-    "analysis": {"config", "memory", "policies", "model"},
+    "analysis": {"config", "memory", "policies", "model", "tasks", "training"},
     "benchmarking": {"config", "memory", "policies", "model", "tasks", "training"},
     "cli": {"config", "memory", "policies", "model", "tasks", "training", "analysis",
             "benchmarking"},
