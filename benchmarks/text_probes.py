@@ -21,6 +21,7 @@ import torch
 from expire_span.analysis import render_png
 from expire_span.analysis.spans import stream
 from expire_span.analysis.text_probes import (
+    NATS_PER_BIT,
     capped_spans,
     character_classes,
     class_spans,
@@ -88,7 +89,7 @@ def main() -> None:
             r, t = divmod(index, args.row_chars - 1)
             context = decoded(codec, rows[r, max(0, t - 40):t + 1])
             examples.append({"context": context, "next": decoded(codec, rows[r, t + 1:t + 2]),
-                             "change_bits": float((cut - full)[r, t]) / 0.6931471805599453})
+                             "change_bits": float((cut - full)[r, t]) / NATS_PER_BIT})
         share = {kind: n / effect["top_tokens"] for kind, n in top_classes.most_common()}
         record["cuts"].append({"cap": L / k, "fraction": 1 / k, "bpc": nll_bits(cut), **effect,
                                "top_classes": share, "examples": examples})

@@ -119,6 +119,18 @@ def test_span_lr_scale_scales_the_first_step_of_the_span_parameters_only(tmp_pat
     assert any(moves[1.0][k].abs().max() > 0 for k in span_names)
 
 
+def test_a_whole_number_span_lr_scale_from_a_config_file_also_makes_a_group():
+    from expire_span.training.loop import parameter_groups
+
+    run = tiny_run()
+    run.model["span_lr_scale"] = 4  # JSON and TOML give integers for whole numbers
+    model = run.build_model(16)
+    groups = parameter_groups(model, 1e-3)
+    assert [group["lr"] for group in groups] == [1e-3, 4e-3]
+    assert sum(p.numel() for p in groups[1]["params"]) == sum(
+        p.numel() for p in model.layers[0].policy.parameters())
+
+
 @pytest.mark.parametrize("memory", sorted(SPAN_PARAMETERS))
 def test_resume_with_a_span_parameter_group_continues_exactly(tmp_path, memory):
     def run(steps):

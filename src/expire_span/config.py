@@ -69,8 +69,9 @@ class ModelConfig:
     """c: the span predictor sees h / c, keeping the sigmoid out of saturation for large L."""
     span_lr_scale: float = 1.0
     """Learning-rate factor of the span parameters (Expire-Span's predictor, Adaptive-Span's
-    spans): with Adam a span moves by about ``lr * L`` per step whatever its gradient's size, so
-    a long L needs a smaller factor for a span to settle at its ramp (docs/expire-span.md)."""
+    spans), in an optimizer group of their own: with Adam a span moves by about ``lr * L`` per
+    step whatever its gradient's size. What slower and faster spans did is in
+    docs/expire-span.md ("After the release") and docs/rl.md (the curriculum)."""
     noisy: bool = False
     """Random span shortening during training: spans clamped to u * L, u ~ U(0, 1) per block."""
     prune_expired: bool = True

@@ -12,6 +12,7 @@ Two probes of the paper (section 5.3 and its appendix) on character-level text:
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -31,11 +32,12 @@ FREQUENT_WORDS = 100
 """A word is frequent when it is among this many most common (lower-cased) training words."""
 RARE_COUNT = 20
 """A word is rare when the training text holds it (lower-cased) fewer times than this."""
+NATS_PER_BIT = math.log(2)
 
 
 @contextmanager
 def capped_spans(model: MemoryTransformer, cap: float | None) -> Iterator[None]:
-    """Within the block, every predicted span is at most ``cap`` (``None``: unchanged): the
+    """Inside the ``with`` block, every predicted span is at most ``cap`` (``None``: unchanged): the
     paper's "reduce L at inference", with the trained weights untouched."""
     if cap is None:
         yield
@@ -56,7 +58,7 @@ def cut_effect(full: Tensor, cut: Tensor, top_fraction: float = 0.01) -> dict[st
     """How a cut changed the per-token losses (same shape, nats): the mean change over all tokens
     and over the ``top_fraction`` whose loss rose most, both in bits, and the share of the total
     rise those tokens carry."""
-    change = (cut - full).flatten() / torch.log(torch.tensor(2.0))
+    change = (cut - full).flatten() / NATS_PER_BIT
     count = max(1, round(top_fraction * change.numel()))
     top = change.topk(count).values
     rise = change.clamp(min=0).sum()
@@ -129,8 +131,8 @@ def class_spans(spans: Tensor, classes: list[str]) -> list[dict[str, float | int
 
 def nll_bits(losses: Tensor) -> float:
     """Mean of per-token losses given in nats, in bits."""
-    return float(losses.mean()) / float(torch.log(torch.tensor(2.0)))
+    return float(losses.mean()) / NATS_PER_BIT
 
 
-__all__ = ["CLASSES", "capped_spans", "character_classes", "class_spans", "cut_effect",
-           "names", "nll_bits", "word_counts"]
+__all__ = ["CLASSES", "NATS_PER_BIT", "capped_spans", "character_classes", "class_spans",
+           "cut_effect", "names", "nll_bits", "word_counts"]

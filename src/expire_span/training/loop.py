@@ -52,21 +52,21 @@ RESUMABLE_TRAIN_FIELDS = frozenset(
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-
 def parameter_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
     """Optimizer parameter groups: one per learning-rate factor, where a module states its own
     (``lr_scale``, e.g. a memory policy's span parameters) for the parameters it holds directly
     or below it; the rest at ``lr``. With every factor 1 this is one group, as before."""
     scales: dict[int, float] = {}
     for module in model.modules():
-        scale = getattr(module, "lr_scale", None)
-        if isinstance(scale, float) and scale != 1.0:
+        scale = getattr(module, "lr_scale", 1.0)
+        if scale != 1.0:
             for parameter in module.parameters():
                 scales[id(parameter)] = scale
     groups: dict[float, list[nn.Parameter]] = {}
     for parameter in model.parameters():
         groups.setdefault(scales.get(id(parameter), 1.0), []).append(parameter)
     return [{"params": params, "lr": lr * scale} for scale, params in groups.items()]
+
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradients became NaN or infinite; training stopped before the update."""

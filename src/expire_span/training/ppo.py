@@ -67,6 +67,12 @@ class Rollout:
     resets: Tensor | None = None
     finished: list[Episode] = field(default_factory=list)
 
+    def success_rate(self) -> float | None:
+        """Mean success of the episodes this rollout finished (``None`` if it finished none)."""
+        if not self.finished:
+            return None
+        return sum(e.success for e in self.finished) / len(self.finished)
+
 
 def gae(rewards: Tensor, values: Tensor, dones: Tensor, last_value: Tensor, gamma: float,
         lam: float) -> tuple[Tensor, Tensor]:
@@ -225,9 +231,8 @@ class RLTrainer(TrainingLoop):
         rl = self.rl
         if not rl.curriculum_updates or self.curriculum_level >= 1.0:
             return
-        finished = rollout.finished
-        success = sum(e.success for e in finished) / len(finished) if finished else -1.0
-        if success >= rl.curriculum_success:
+        success = rollout.success_rate()
+        if success is not None and success >= rl.curriculum_success:
             self.curriculum_advances += 1
 
     def _observe_failures(self, step: int, rollout: Rollout) -> None:
@@ -238,9 +243,8 @@ class RLTrainer(TrainingLoop):
         gate's deadline, ``aux_hold_until``, still applies)."""
         if self.aux_gate.opened_at is not None or self.curriculum_level < 1.0:
             return  # with a curriculum the hold counts from the full lengths on
-        finished = rollout.finished
-        failure = 1.0 - sum(e.success for e in finished) / len(finished) if finished else None
-        self.aux_gate.observe(step, failure)
+        success = rollout.success_rate()
+        self.aux_gate.observe(step, None if success is None else 1.0 - success)
 
     def _log_record(self, step: int) -> dict[str, Any]:
         record = self.interval.flush(step, self.scheduler.get_last_lr()[0])
