@@ -2,7 +2,9 @@
 
 For one task configuration (a preset, plus ``--set section.field=value`` overrides), trains
 
-- Expire-Span at every ``--alphas`` (its loss coefficient; the span rule sets the rest),
+- Expire-Span at every ``--alphas`` (its loss coefficient; the span rule sets the rest), and
+  at every ``--max-spans`` if given (the paper's error-against-L experiment; the other policies
+  keep the preset's L),
 - Transformer-XL at every ``--windows`` (L = the window),
 - Adaptive-Span at every ``--adapt-losses``, starting at the same span as Expire-Span,
 - the Compressive Transformer at every ``--compressive-spans`` (L = its FIFO plus compressed
@@ -88,7 +90,11 @@ def points(args: argparse.Namespace, config: dict[str, Any]) -> list[tuple[str, 
             model = {"memory": policy, field: value}
             if policy == "adaptive-span":
                 model = {**adaptive, **model}
-            out.append((policy, field, value, model))
+            if policy == "expire-span" and args.max_spans:
+                out.extend((policy, field, value, {**model, "max_span": span})
+                           for span in args.max_spans)
+            else:
+                out.append((policy, field, value, model))
     return out
 
 
@@ -98,6 +104,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     records = []
     for policy, field, value, model in points(args, config):
         name = f"{policy}-{field}-{value}"
+        if field != "max_span" and "max_span" in model:
+            name += f"-max_span-{model['max_span']}"
         run_dir = Path(args.out) / name
         summary = train(merge(config, {"model": model}), run_dir)
         run = RunConfig.from_dict(summary["config"])
@@ -122,13 +130,13 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
 def markdown(records: list[dict[str, Any]]) -> str:
     """The table docs/results.md shows: every point, each policy's rows by memory size."""
     metric = records[0]["metric"]
-    lines = [f"| model | knob | value | test {metric} | avg memory size | ms per block "
-             "| training seconds |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| model | knob | value | L | test {metric} | avg memory size | ms per block "
+             "| training seconds |", "|---|---|---|---|---|---|---|---|"]
     for policy in SWEEPS:
         for r in sorted((r for r in records if r["model"] == policy),
                         key=lambda r: r["avg_memory_size"]):
             block = f"{r['block_ms']:.1f}" if "block_ms" in r else "-"
-            lines.append(f"| {policy} | {r['parameter']} | {r['value']:g} | {r['test']:.3f} "
+            lines.append(f"| {policy} | {r['parameter']} | {r['value']:g} | {r['max_span']} | {r['test']:.3f} "
                          f"| {r['avg_memory_size']:.1f} | {block} | {r['train_seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -178,6 +186,9 @@ def main() -> None:
                         metavar="SECTION.FIELD=VALUE",
                         help="override a preset value, e.g. task_options.gap=400 (repeatable)")
     parser.add_argument("--alphas", type=float, nargs="*", help="Expire-Span loss coefficients")
+    parser.add_argument("--max-spans", type=int, nargs="*",
+                        help="train Expire-Span at each of these maximum spans L (default: the "
+                             "preset's)")
     parser.add_argument("--windows", type=int, nargs="*", help="Transformer-XL windows")
     parser.add_argument("--adapt-losses", type=float, nargs="*",
                         help="Adaptive-Span loss coefficients")

@@ -28,13 +28,15 @@ def frontier():
 
 def sweep_args(frontier, *argv: str) -> argparse.Namespace:
     namespace = argparse.Namespace(preset="copy-cpu", set=[], alphas=None, windows=None,
-                                   adapt_losses=None, compressive_spans=None, seed=3)
+                                   adapt_losses=None, compressive_spans=None, max_spans=None,
+                                   seed=3)
     for item in argv:
         key, value = item.split("=", 1)
         if key == "set":
             namespace.set.append(frontier.parse_override(value))
         else:
-            setattr(namespace, key, [float(v) for v in value.split(",")])
+            kind = int if key == "max_spans" else float
+            setattr(namespace, key, [kind(v) for v in value.split(",")])
     return namespace
 
 
@@ -68,6 +70,15 @@ def test_every_point_keeps_the_budget_and_turns_only_its_knob(frontier):
         ("compressive", "max_span", 256)]
     for policy, field, value, model in points:
         assert model == {"memory": policy, field: value}
+
+
+def test_max_spans_multiply_expire_span_points_only(frontier):
+    args = sweep_args(frontier, "alphas=1e-4", "max_spans=256,1024", "windows=216")
+    points = frontier.points(args, frontier.base_config(args))
+    assert [model for _, _, _, model in points] == [
+        {"memory": "expire-span", "alpha": 1e-4, "max_span": 256},
+        {"memory": "expire-span", "alpha": 1e-4, "max_span": 1024},
+        {"memory": "transformer-xl", "max_span": 216}]
 
 
 def test_overrides_are_read_as_literals_and_bad_ones_are_refused(frontier):
