@@ -136,8 +136,9 @@ def markdown(records: list[dict[str, Any]]) -> str:
         for r in sorted((r for r in records if r["model"] == policy),
                         key=lambda r: r["avg_memory_size"]):
             block = f"{r['block_ms']:.1f}" if "block_ms" in r else "-"
-            lines.append(f"| {policy} | {r['parameter']} | {r['value']:g} | {r['max_span']} | {r['test']:.3f} "
-                         f"| {r['avg_memory_size']:.1f} | {block} | {r['train_seconds']:.0f} |")
+            lines.append(f"| {policy} | {r['parameter']} | {r['value']:g} | {r['max_span']} "
+                         f"| {r['test']:.3f} | {r['avg_memory_size']:.1f} | {block} "
+                         f"| {r['train_seconds']:.0f} |")
     return "\n".join(lines)
 
 

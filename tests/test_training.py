@@ -218,6 +218,57 @@ def test_interrupt_saves_a_checkpoint_and_resume_loses_nothing(tmp_path, monkeyp
         torch.testing.assert_close(params(resumed.model)[name], value, atol=0, rtol=0)
 
 
+def scripted_validation(monkeypatch, trainer: Trainer, scores: list[float]) -> None:
+    """Make the trainer's periodic evaluations return ``scores`` (as the primary metric) in
+    turn."""
+    original, remaining = trainer.evaluate, list(scores)
+
+    def evaluate(split="valid", progress=False):
+        return {**original(split, progress), trainer.task.primary_metric: remaining.pop(0)}
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+
+
+@pytest.mark.parametrize("higher_is_better", [True, False])
+def test_the_best_validation_checkpoint_is_kept_through_worse_ones_and_a_resume(
+        tmp_path, monkeypatch, higher_is_better):
+    scores = [0.5, 0.9, 0.7] if higher_is_better else [0.9, 0.5, 0.7]
+    trainer = Trainer(tiny_run(eval_every=2, keep_checkpoints=1), tmp_path, progress=False)
+    monkeypatch.setattr(trainer.task, "higher_is_better", higher_is_better)
+    scripted_validation(monkeypatch, trainer, scores)
+    best_weights = {}
+    original_save = trainer.save
+
+    def save(step, name=None):
+        if name == "best":
+            best_weights.update(params(trainer.model))
+        return original_save(step, name)
+
+    monkeypatch.setattr(trainer, "save", save)
+    summary = trainer.fit()
+    metric = trainer.task.primary_metric
+    assert summary["best"] == {"step": 4, "metric": metric, "value": 0.5 if not
+                               higher_is_better else 0.9}
+    best = load_checkpoint(tmp_path / "checkpoints" / "best")
+    assert best.step == 4
+    for name, value in params(best.model).items():  # the weights of step 4, not the last ones
+        torch.testing.assert_close(value, best_weights[name], atol=0, rtol=0)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-00000006"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-00000006"]
+    # a resumed run knows the best so far: worse scores do not replace it
+    resumed = Trainer(None, tmp_path, resume=True, resume_overrides={"steps": 10},
+                      progress=False)
+    monkeypatch.setattr(resumed.task, "higher_is_better", higher_is_better)
+    scripted_validation(monkeypatch, resumed, [0.8, 0.7] if higher_is_better else [0.6, 0.7])
+    assert resumed.fit()["best"]["step"] == 4
+    assert load_checkpoint(tmp_path / "checkpoints" / "best").step == 4
+
+
+def test_keep_best_off_writes_no_best_checkpoint(tmp_path):
+    Trainer(tiny_run(keep_best=False), tmp_path, progress=False).fit()
+    assert not (tmp_path / "checkpoints" / "best").exists()
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     trainer = Trainer(tiny_run(steps=10), tmp_path, progress=False)
     calls = {"n": 0}
@@ -273,7 +324,8 @@ def test_a_run_killed_in_its_first_checkpoint_write_starts_again_and_leftovers_g
     (root / ".step-00000002.abc" / "model.safetensors").write_bytes(b"half")
     (root / ".latest.xyz").write_bytes(b"step-")
     Trainer(tiny_run(steps=4), tmp_path, progress=False).fit()
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002", "step-00000004"]
+    assert sorted(p.name for p in root.iterdir()) == ["best", "latest", "step-00000002",
+                                                      "step-00000004"]
     with open(tmp_path / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 5, "split": "tra')
     resumed = Trainer(None, tmp_path, resume=True, resume_overrides={"steps": 6},

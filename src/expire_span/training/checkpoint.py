@@ -9,6 +9,8 @@ Layout of a run directory::
     OUT/checkpoints/step-000200/     model.safetensors, config.json, memory.safetensors,
                                      trainer.pt (optimizer, scheduler, step, random states),
                                      checksums.json (the SHA-256 of each of the others)
+    OUT/checkpoints/best/            the same, at the best validation score so far
+                                     (``train.keep_best``; never pruned, never resumed from)
 
 A checkpoint is written into a temporary directory that is renamed into place, and ``latest`` is
 replaced atomically afterwards, so an interruption at any moment leaves the previous checkpoint
@@ -44,6 +46,7 @@ Network = MemoryTransformer | MemoryAgent
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+BEST = "best"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 MEMORY_FILE = "memory.safetensors"
@@ -115,11 +118,15 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     memory: Memory | None,
     keep: int,
+    name: str | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` of a run, point ``latest`` at it, keep the newest ``keep``."""
+    """Write checkpoint ``step`` of a run, point ``latest`` at it, keep the newest ``keep``;
+    with a ``name`` (e.g. :data:`BEST`), write it under that name instead, replacing the one
+    there, with ``latest`` and the ``step-*`` checkpoints untouched."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}"
+    numbered = name is None
+    name = f"step-{step:08d}" if name is None else name
     final = root / name
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     try:
@@ -143,9 +150,10 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic(root / LATEST, name.encode())
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        _discard(old)
+    if numbered:
+        _write_atomic(root / LATEST, name.encode())
+        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+            _discard(old)
     _remove_leftovers(root)
     return final
 
@@ -164,7 +172,7 @@ def _remove_leftovers(root: Path) -> None:
     directories, ``.latest.*`` files): with large models each is a checkpoint's worth of disk.
     Called after a checkpoint is complete, by the only process writing checkpoints."""
     for entry in root.iterdir():
-        if entry.name.startswith(".step-") and entry.is_dir():
+        if entry.name.startswith((".step-", f".{BEST}.")) and entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
         elif entry.name.startswith(f".{LATEST}.") and entry.is_file():
             entry.unlink(missing_ok=True)

@@ -91,6 +91,10 @@ class TrainConfig:
     log_every: int = 20
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
+    keep_best: bool = True
+    """Also keep the checkpoint of the best validation score so far in
+    ``OUT/checkpoints/best`` (the task's primary metric): a run that learns a task and then
+    loses it keeps what it learned."""
     seed: int = 0
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N`` (under torchrun, each

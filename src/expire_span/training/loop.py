@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from expire_span.memory import Memory
 from expire_span.training.aux_gate import run_gate
 from expire_span.training.checkpoint import (
+    BEST,
     CHECKPOINTS,
     CheckpointError,
     LoadedCheckpoint,
@@ -46,7 +47,8 @@ SUMMARY_FILE = "summary.json"
 RUN_CONFIG_FILE = "config.json"
 RESUMABLE_TRAIN_FIELDS = frozenset(
     {"steps", "eval_every", "eval_batches", "eval_batch_size", "log_every", "checkpoint_every",
-     "keep_checkpoints", "device", "tensorboard", "precision", "accumulate", "lr_drop_at",
+     "keep_checkpoints", "keep_best", "device", "tensorboard", "precision", "accumulate",
+     "lr_drop_at",
      "lr_drop"}
 )
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -246,6 +248,8 @@ class TrainingLoop(ABC):
         self.memory: Memory | None = None
         self.aux_gate = run_gate(run.train, self.model)
         """When the policies' auxiliary losses start to act (checkpointed with the trainer)."""
+        self.best: dict[str, Any] | None = None
+        """``{"step", "metric", "value"}`` of the best validation score so far (checkpointed)."""
         self._setup()
         if loaded is not None:
             self._restore(loaded)
@@ -293,6 +297,7 @@ class TrainingLoop(ABC):
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
         state["aux_gate"] = self.aux_gate.state_dict()
+        state["best"] = self.best
         return state
 
     def _restore(self, loaded: LoadedCheckpoint) -> None:
@@ -302,6 +307,7 @@ class TrainingLoop(ABC):
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.aux_gate.load_state_dict(state.get("aux_gate"))
+        self.best = state.get("best")
         self._reschedule()
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
@@ -332,9 +338,10 @@ class TrainingLoop(ABC):
         """Take up the memory of all training rows of a checkpoint."""
         self.memory = memory
 
-    def save(self, step: int) -> Path | None:
+    def save(self, step: int, name: str | None = None) -> Path | None:
         """Write a checkpoint (rank 0; the others hand it their rows' memory and return None):
-        its memory holds every row of the global batch, in order."""
+        its memory holds every row of the global batch, in order; ``name``: see
+        :func:`save_checkpoint`."""
         memory = self._local_memory()
         if self.group.distributed:
             parts = self.group.gather(None if memory is None else memory.to("cpu"))
@@ -343,8 +350,22 @@ class TrainingLoop(ABC):
             memory = None if any(part is None for part in parts) else Memory.concat(parts)
         return save_checkpoint(
             self.out_dir, step, self.run, self.model, self._trainer_state(), memory,
-            keep=self.train_cfg.keep_checkpoints,
+            keep=self.train_cfg.keep_checkpoints, name=name,
         )
+
+    def _improves(self, step: int, metrics: dict[str, float] | None) -> bool:
+        """Whether ``metrics`` (rank 0's validation; None elsewhere) beat the best so far on
+        the task's primary metric; if so they become the best."""
+        if metrics is None:
+            return False
+        metric = self.task.primary_metric
+        value = float(metrics[metric])
+        if self.best is not None and not (
+                value > self.best["value"] if self.task.higher_is_better
+                else value < self.best["value"]):
+            return False
+        self.best = {"step": step, "metric": metric, "value": value}
+        return True
 
     def autocast(self) -> torch.autocast:
         """Mixed precision for the forward pass (``train.precision``; off for fp32)."""
@@ -402,6 +423,8 @@ class TrainingLoop(ABC):
                         last_eval, evaluated = self._evaluate_on_main(), True
                         if last_eval is not None:
                             self._write({"step": step, "split": "valid", **last_eval})
+                        if cfg.keep_best and self.group.any(self._improves(step, last_eval)):
+                            self.save(step, name=BEST)
                     stopping = self.group.any(stop.requested is not None)
                     if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
                         path = self.save(step)
@@ -471,6 +494,7 @@ class TrainingLoop(ABC):
             "block_len": config.block_len,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "train_seconds_this_session": seconds,
+            "best": self.best,
             "device": str(self.device),
             "processes": self.group.world_size,
             "config": self.run.to_dict(),
