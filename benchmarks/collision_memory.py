@@ -9,21 +9,31 @@ memory), the distance's quantiles, and for each window ``--windows`` the share o
 it and the error of an oracle that answers right within the window and with the best constant
 beyond it (a lower bound for a model with that window).
 
+With ``--checkpoints``, it evaluates trained models instead (each on its own run's board): every
+test simulation read as one stream from an empty memory, the answer at each labelled frame's last
+token, and the error by the distance of the answer (``--windows`` are the bin edges) beside the
+oracle's, which shows how far back a model really reads, whatever its overall error.
+
     python benchmarks/collision_memory.py --preset object-collision-cpu
     python benchmarks/collision_memory.py --preset object-collision-16k --set test_frames=1000000
+    python benchmarks/collision_memory.py --checkpoints runs/oc-a runs/oc-b --windows 64 256 1024 \
+        --splits test --out by-distance.json
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from expire_span.tasks import build_task
 from expire_span.tasks.object_collision import ObjectCollisionTask, quadrant
-from expire_span.training import get_preset
+from expire_span.training import get_preset, load_checkpoint
 
 
 def answer_distances(task: ObjectCollisionTask, split: str) -> dict[str, np.ndarray]:
@@ -67,6 +77,74 @@ def answer_distances(task: ObjectCollisionTask, split: str) -> dict[str, np.ndar
             "latest": np.concatenate(latest_out)}
 
 
+def model_answers(model: Any, task: ObjectCollisionTask, split: str,
+                  chunk: int = 4096) -> np.ndarray:
+    """The model's answer (argmax of the logits at the frame's last token) at every labelled
+    frame, in :func:`answer_distances`'s order; each simulation is read as one stream from an
+    empty memory, ``chunk`` tokens per call (the model splits calls into its blocks)."""
+    documents, width = task.documents(split), task.options.frame_tokens
+    answers = []
+    with torch.no_grad():
+        for sim, frames in enumerate(task.simulation_lengths(split)):
+            start = sim * documents.frames_per_row
+            tokens = np.asarray(documents.tokens[start * width:(start + frames) * width])
+            labels = np.asarray(documents.labels[start:start + frames])
+            stream = torch.as_tensor(tokens.astype(np.int64)).unsqueeze(0)
+            memory, last_tokens = None, []
+            for part in stream.split(chunk, dim=1):
+                out = model(part, memory)
+                memory = out.memory
+                last_tokens.append(out.logits[0].argmax(-1))
+            by_frame = torch.cat(last_tokens).view(frames, width)[:, -1].cpu().numpy()
+            answers.append(by_frame[labels > 0])
+    return np.concatenate(answers)
+
+
+def errors_by_distance(label: np.ndarray, distance: np.ndarray, answer: np.ndarray,
+                       edges: list[int]) -> list[dict[str, Any]]:
+    """Per distance bin ``(edges[i-1], edges[i]]`` (the first from 0, the last open): the share
+    of answers in it, the model's error there and the error of the best constant there."""
+    counts = np.bincount(label, minlength=5)[1:]
+    best = int(np.argmax(counts)) + 1
+    bounds = [0, *edges, None]
+    rows = []
+    for low, high in zip(bounds[:-1], bounds[1:], strict=True):
+        inside = (distance > low) & (True if high is None else distance <= high)
+        n = int(inside.sum())
+        rows.append({"from": low, "to": high, "share": n / len(label),
+                     "error": float(np.mean(answer[inside] != label[inside])) if n else None,
+                     "constant_error": float(np.mean(label[inside] != best)) if n else None})
+    return rows
+
+
+def evaluate_checkpoints(paths: list[str], splits: list[str], edges: list[int]
+                         ) -> list[dict[str, Any]]:
+    """:func:`errors_by_distance` of each trained model on each split, printed as a table."""
+    records = []
+    header = ["run", "split", "error"] + [
+        f"({low}, {high if high is not None else 'inf'}]: share, error / constant"
+        for low, high in zip([0, *edges], [*edges, None], strict=True)]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for path in paths:
+        loaded = load_checkpoint(path)
+        model = loaded.model.eval()
+        task = loaded.run.build_task()
+        for split in splits:
+            stats = answer_distances(task, split)
+            answer = model_answers(model, task, split)
+            rows = errors_by_distance(stats["label"], stats["distance"], answer, edges)
+            error = float(np.mean(answer != stats["label"]))
+            records.append({"run": path, "model": loaded.run.model["memory"],
+                            "max_span": loaded.run.model["max_span"], "split": split,
+                            "error": error, "bins": rows})
+            cells = [path, split, f"{error:.1%}"] + [
+                f"{r['share']:.0%}, {r['error']:.1%} / {r['constant_error']:.1%}"
+                if r["error"] is not None else "-" for r in rows]
+            print("| " + " | ".join(cells) + " |", flush=True)
+    return records
+
+
 def parse_set(text: str) -> tuple[str, Any]:
     name, sep, value = text.partition("=")
     if not sep:
@@ -84,7 +162,15 @@ def main() -> None:
                         metavar="NAME=VALUE", help="a task option (repeatable)")
     parser.add_argument("--windows", type=int, nargs="+", default=[64, 256, 1024, 4096])
     parser.add_argument("--splits", nargs="+", default=["valid", "test"])
+    parser.add_argument("--checkpoints", nargs="+", default=None, metavar="RUN",
+                        help="evaluate these trained runs by answer distance (their own boards)")
+    parser.add_argument("--out", default=None, help="with --checkpoints: write the JSON here")
     args = parser.parse_args()
+    if args.checkpoints:
+        records = evaluate_checkpoints(args.checkpoints, args.splits, args.windows)
+        if args.out:
+            Path(args.out).write_text(json.dumps(records, indent=2) + "\n")
+        return
     config = get_preset(args.preset).config
     if config["task"] != "object-collision":
         parser.error(f"preset {args.preset!r} is not an object-collision preset")

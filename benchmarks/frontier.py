@@ -14,7 +14,8 @@ each in a fresh process with the same budget, then evaluates each on the test sp
 the CPU time of a training step of the trained model on one block with its memory (as
 ``expire-span bench --checkpoint``). It writes every point (test metric, the task's baseline such
 as object collision's ``constant_error``, average memory size attended per query on the test
-stream, ms per block, training seconds, the settings) to
+stream, ms per block, training seconds, the settings; ``test_<metric>`` and ``seconds`` repeat
+the test metric and the training seconds under the names the results files use) to
 ``--record`` as JSON and draws the metric against memory size and against time per block to
 ``--image``. A point whose run directory holds a finished run is not trained again, so an
 interrupted sweep continues where it stopped.
@@ -114,8 +115,10 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         record = {
             "task": run.task, "model": policy, "parameter": field, "value": value,
             "max_span": run.model["max_span"], "metric": metric, "test": test[metric],
+            f"test_{metric}": test[metric],
             **{name: test[name] for name in ("constant_error",) if name in test},
             "avg_memory_size": test["memory_size"], "train_seconds":
+                summary["train_seconds_this_session"], "seconds":
                 summary["train_seconds_this_session"], "steps": summary["steps"],
             "peak_rss_mb": summary["peak_rss_mb"], "seed": args.seed, "run": str(run_dir),
             "settings": {"task_options": run.task_options, "model": run.model},

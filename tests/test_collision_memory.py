@@ -1,0 +1,128 @@
+"""benchmarks/collision_memory.py: a trained model's Object Collision error by answer distance."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from expire_span.tasks import build_task
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def collision_memory():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("collision_memory")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+class Echo:
+    """A stand-in model whose answer at every position is the token read there."""
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+
+    def __call__(self, tokens, memory):
+        return SimpleNamespace(logits=F.one_hot(tokens, self.vocab).float(), memory=memory)
+
+
+class Clock:
+    """A stand-in model that answers with its position in the stream (mod the vocabulary),
+    counted in its memory: right only if the memory is carried from call to call and reset at
+    each simulation."""
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+
+    def __call__(self, tokens, memory):
+        start = 0 if memory is None else memory
+        positions = torch.arange(start, start + tokens.shape[1]).unsqueeze(0) % self.vocab
+        return SimpleNamespace(logits=F.one_hot(positions, self.vocab).float(),
+                               memory=start + tokens.shape[1])
+
+
+@pytest.mark.parametrize("chunk", [4096, 13])
+def test_each_simulation_is_one_stream_from_an_empty_memory(collision_memory, chunk):
+    task = build_task("object-collision", {"train_frames": 300, "valid_frames": 500,
+                                           "test_frames": 300, "simulation_frames": 200,
+                                           "grid": 4, "colours": 2})
+    answers = collision_memory.model_answers(Clock(task.vocab_size), task, "valid", chunk=chunk)
+    documents, width = task.documents("valid"), task.options.frame_tokens
+    expected = []
+    for sim, frames in enumerate(task.simulation_lengths("valid")):
+        labels = np.asarray(documents.labels[sim * documents.frames_per_row:][:frames])
+        expected += [(f * width + width - 1) % task.vocab_size for f in np.flatnonzero(labels)]
+    assert len(expected) > 20
+    assert answers.tolist() == expected
+
+
+@pytest.mark.parametrize("chunk", [4096, 13])
+def test_answers_are_read_at_each_labelled_frames_last_token(collision_memory, chunk):
+    task = build_task("object-collision", {"train_frames": 300, "valid_frames": 500,
+                                           "test_frames": 300, "simulation_frames": 200,
+                                           "grid": 4, "colours": 2})
+    answers = collision_memory.model_answers(Echo(task.vocab_size), task, "valid", chunk=chunk)
+    documents, width = task.documents("valid"), task.options.frame_tokens
+    expected = []
+    for sim, frames in enumerate(task.simulation_lengths("valid")):
+        start = sim * documents.frames_per_row
+        tokens = np.asarray(documents.tokens[start * width:(start + frames) * width])
+        labels = np.asarray(documents.labels[start:start + frames])
+        expected += [tokens[f * width + width - 1] for f in np.flatnonzero(labels > 0)]
+    assert len(expected) == len(collision_memory.answer_distances(task, "valid")["label"]) > 20
+    assert answers.tolist() == expected
+
+
+def test_errors_by_distance_by_hand(collision_memory):
+    label = np.array([1, 1, 2, 3, 1, 4])
+    distance = np.array([10, 64, 65, 300, 2000, 50])
+    answer = np.array([1, 2, 2, 1, 1, 4])
+    rows = collision_memory.errors_by_distance(label, distance, answer, [64, 256])
+    assert [(r["from"], r["to"]) for r in rows] == [(0, 64), (64, 256), (256, None)]
+    # (0, 64]: distances 10, 64, 50 -> answers right, wrong, right; the constant (1) is right,
+    # right, wrong
+    assert rows[0]["share"] == pytest.approx(3 / 6)
+    assert rows[0]["error"] == pytest.approx(1 / 3)
+    assert rows[0]["constant_error"] == pytest.approx(1 / 3)
+    assert rows[1]["error"] == 0.0 and rows[1]["constant_error"] == 1.0  # distance 65, label 2
+    assert rows[2]["error"] == pytest.approx(1 / 2)  # 300 (wrong), 2000 (right)
+    assert rows[2]["constant_error"] == pytest.approx(1 / 2)
+
+
+def test_an_empty_bin_has_no_error(collision_memory):
+    rows = collision_memory.errors_by_distance(np.array([1, 2]), np.array([5, 6]),
+                                               np.array([1, 2]), [64, 256])
+    assert rows[1]["share"] == 0 and rows[1]["error"] is None
+
+
+def test_a_real_model_on_its_own_board(collision_memory, tmp_path):
+    """End to end on a tiny trained run: one record per split, bins summing to every answer."""
+    from expire_span.training import RunConfig, Trainer
+
+    run = RunConfig.from_dict({
+        "task": "object-collision",
+        "task_options": {"train_frames": 400, "valid_frames": 300, "test_frames": 300,
+                         "simulation_frames": 150, "grid": 4, "colours": 1,
+                         "cache_dir": str(tmp_path / "cache")},
+        "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "block_len": 16, "max_span": 64,
+                  "memory": "expire-span"},
+        "train": {"steps": 2, "batch_size": 2, "seq_len": 32, "eval_every": 2,
+                  "eval_batches": 1, "log_every": 1, "checkpoint_every": 2},
+    })
+    Trainer(run, tmp_path / "run", progress=False).fit()
+    records = collision_memory.evaluate_checkpoints([str(tmp_path / "run")], ["test"], [64])
+    (record,) = records
+    assert record["max_span"] == 64 and record["model"] == "expire-span"
+    assert sum(r["share"] for r in record["bins"]) == pytest.approx(1.0)
+    assert record["error"] == pytest.approx(
+        sum(r["share"] * r["error"] for r in record["bins"] if r["error"] is not None))
