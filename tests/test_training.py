@@ -264,6 +264,12 @@ def test_the_best_validation_checkpoint_is_kept_through_worse_ones_and_a_resume(
     assert load_checkpoint(tmp_path / "checkpoints" / "best").step == 4
 
 
+def test_a_tie_goes_to_the_later_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_run(eval_every=2), tmp_path, progress=False)
+    scripted_validation(monkeypatch, trainer, [0.9, 0.9, 0.5])
+    assert trainer.fit()["best"]["step"] == 4
+
+
 def test_keep_best_off_writes_no_best_checkpoint(tmp_path):
     Trainer(tiny_run(keep_best=False), tmp_path, progress=False).fit()
     assert not (tmp_path / "checkpoints" / "best").exists()

@@ -93,8 +93,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     keep_best: bool = True
     """Also keep the checkpoint of the best validation score so far in
-    ``OUT/checkpoints/best`` (the task's primary metric): a run that learns a task and then
-    loses it keeps what it learned."""
+    ``OUT/checkpoints/best`` (the task's primary metric; ties go to the later one): a run that
+    learns a task and then loses it keeps what it learned."""
     seed: int = 0
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N`` (under torchrun, each

@@ -354,15 +354,16 @@ class TrainingLoop(ABC):
         )
 
     def _improves(self, step: int, metrics: dict[str, float] | None) -> bool:
-        """Whether ``metrics`` (rank 0's validation; None elsewhere) beat the best so far on
-        the task's primary metric; if so they become the best."""
+        """Whether ``metrics`` (rank 0's validation; None elsewhere) are at least as good as the
+        best so far on the task's primary metric; if so they become the best. Ties go to the
+        later checkpoint: on a solved task, the one whose spans have shrunk the most."""
         if metrics is None:
             return False
         metric = self.task.primary_metric
         value = float(metrics[metric])
         if self.best is not None and not (
-                value > self.best["value"] if self.task.higher_is_better
-                else value < self.best["value"]):
+                value >= self.best["value"] if self.task.higher_is_better
+                else value <= self.best["value"]):
             return False
         self.best = {"step": step, "metric": metric, "value": value}
         return True
