@@ -3,10 +3,14 @@
 ``train``: one training step (forward, backward, Adam, memory full) of Expire-Span at controlled
 retention and of the Transformer-XL whose window is its average memory size, split into forward,
 backward and optimizer time, plus the time inside the policy's ``decide``. ``decode``: tensor
-operations per generated token (counted with a ``TorchDispatchMode``), by source line.
+operations per generated token (counted with a ``TorchDispatchMode``), by source line, and the
+module calls per token. ``compile``: one layer's feed-forward (with its norm and residual) at the
+decoding shape ``[1, 1, d]``, eager against ``torch.compile`` (inductor), CPU microseconds per
+call: whether compiling removes the per-operation overhead that dominates a decoded token.
 
     OMP_NUM_THREADS=1 python benchmarks/profile_costs.py train --span 1024 --retention 0.25
     OMP_NUM_THREADS=1 python benchmarks/profile_costs.py decode --memory transformer-xl
+    OMP_NUM_THREADS=1 python benchmarks/profile_costs.py compile
 """
 
 from __future__ import annotations
@@ -115,12 +119,43 @@ def count_decode_ops(memory: str, tokens: int) -> None:
             counts[where] += 1
             return func(*args, **(kwargs or {}))
 
-    with Count():
-        for _ in range(tokens):
-            next(stream)
+    modules: collections.Counter[str] = collections.Counter()
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, inputs: modules.update([type(module).__name__]))
+    try:
+        with Count():
+            for _ in range(tokens):
+                next(stream)
+    finally:
+        hook.remove()
     print(f"{memory}: {sum(counts.values()) / tokens:.1f} tensor operations per token")
     for where, count in counts.most_common(25):
         print(f"  {count / tokens:6.1f}  {where}")
+    print(f"{sum(modules.values()) / tokens:.1f} module calls per token: "
+          + ", ".join(f"{name} {count / tokens:g}" for name, count in modules.most_common()))
+
+
+def compare_compiled_feed_forward(calls: int = 5000) -> None:
+    """Eager against compiled: a layer's ``x + FF(norm(x))`` at the decoding shape."""
+    torch.manual_seed(0)
+    layer = MemoryTransformer(ModelConfig(max_span=1024, **SHAPE)).eval().layers[0]
+
+    def feed_forward(x):
+        return x + layer.feed_forward(layer.norm_feed_forward(x))
+
+    compiled = torch.compile(feed_forward)
+    x = torch.randn(1, 1, SHAPE["d_model"])
+    with torch.no_grad():
+        started = time.perf_counter()
+        compiled(x)
+        print(f"compiling took {time.perf_counter() - started:.0f} s")
+        for name, function in (("eager", feed_forward), ("compiled", compiled)):
+            for _ in range(calls // 10):
+                function(x)
+            started = time.process_time()
+            for _ in range(calls):
+                function(x)
+            print(f"{name}: {(time.process_time() - started) / calls * 1e6:.1f} us per call")
 
 
 def main() -> None:
@@ -133,12 +168,15 @@ def main() -> None:
     decode = sub.add_parser("decode")
     decode.add_argument("--memory", default="transformer-xl")
     decode.add_argument("--tokens", type=int, default=20)
+    sub.add_parser("compile")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.what == "train":
         profile_training(args.span, args.retention, args.steps)
-    else:
+    elif args.what == "decode":
         count_decode_ops(args.memory, args.tokens)
+    else:
+        compare_compiled_feed_forward()
 
 
 if __name__ == "__main__":
