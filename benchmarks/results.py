@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import queue
 import shutil
 import statistics
 from pathlib import Path
@@ -82,9 +83,14 @@ def train(config: dict[str, Any], out: Path) -> dict[str, Any]:
         results = context.Queue()
         process = context.Process(target=_train_child, args=(config, str(out), results))
         process.start()
-        peak = results.get()
+        peak = None
+        while peak is None and (process.is_alive() or not results.empty()):
+            try:  # a child that dies (bad config, killed) puts nothing: do not wait forever
+                peak = results.get(timeout=5)
+            except queue.Empty:
+                pass
         process.join()
-        if process.exitcode != 0:
+        if process.exitcode != 0 or peak is None:
             raise SystemExit(f"training {out} failed (exit code {process.exitcode})")
         peak_file.write_text(json.dumps(peak))
     summary = json.loads((out / "summary.json").read_text())
