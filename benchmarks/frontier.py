@@ -18,7 +18,10 @@ stream, ms per block, training seconds, the settings; ``test_<metric>`` and ``se
 the test metric and the training seconds under the names the results files use) to
 ``--record`` as JSON and draws the metric against memory size and against time per block to
 ``--image``. A point whose run directory holds a finished run is not trained again, so an
-interrupted sweep continues where it stopped.
+interrupted sweep continues where it stopped. ``--merge A.json[:SERIES] B.json ...`` trains
+nothing: it gathers the records of several sweeps (e.g. Expire-Span at several L with different
+starting spans, and the baselines) into one record, plot and table, each file's points drawn as
+its own line when it names a series.
 
     OMP_NUM_THREADS=1 python benchmarks/frontier.py --preset copy-cpu --out runs/frontier-copy \\
         --alphas 1e-5 1e-4 1e-3 --windows 208 260 416 512 --adapt-losses 1e-5 1e-4 1e-3 \\
@@ -130,16 +133,37 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     return records
 
 
+def series(records: list[dict[str, Any]]) -> list[str]:
+    """The lines of a plot, in the order they first appear: a record's ``series`` (set by
+    ``--merge``), else its policy."""
+    return list(dict.fromkeys(r.get("series", r["model"]) for r in records))
+
+
+def merged(specs: list[str]) -> list[dict[str, Any]]:
+    """The records of ``PATH[:SERIES]`` files, in order, with the names the results files use
+    (``test_<metric>``, ``seconds``) for records written before they existed."""
+    records = []
+    for spec in specs:
+        path, _, name = spec.partition(":")
+        for record in json.loads(Path(path).read_text()):
+            record = {f"test_{record['metric']}": record["test"],
+                      "seconds": record["train_seconds"], **record}
+            if name:
+                record["series"] = name
+            records.append(record)
+    return records
+
+
 def markdown(records: list[dict[str, Any]]) -> str:
-    """The table docs/results.md shows: every point, each policy's rows by memory size."""
+    """The table docs/results.md shows: every point, each series' rows by memory size."""
     metric = records[0]["metric"]
     lines = [f"| model | knob | value | L | test {metric} | avg memory size | ms per block "
              "| training seconds |", "|---|---|---|---|---|---|---|---|"]
-    for policy in SWEEPS:
-        for r in sorted((r for r in records if r["model"] == policy),
+    for name in series(records):
+        for r in sorted((r for r in records if r.get("series", r["model"]) == name),
                         key=lambda r: r["avg_memory_size"]):
             block = f"{r['block_ms']:.1f}" if "block_ms" in r else "-"
-            lines.append(f"| {policy} | {r['parameter']} | {r['value']:g} | {r['max_span']} "
+            lines.append(f"| {name} | {r['parameter']} | {r['value']:g} | {r['max_span']} "
                          f"| {r['test']:.3f} | {r['avg_memory_size']:.1f} | {block} "
                          f"| {r['train_seconds']:.0f} |")
     return "\n".join(lines)
@@ -150,25 +174,23 @@ def write(records: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(markdown(records), flush=True)
     Path(args.record).parent.mkdir(parents=True, exist_ok=True)
     Path(args.record).write_text(json.dumps(records, indent=2) + "\n")
-    plot(records, Path(args.image), args.title or args.preset)
+    plot(records, Path(args.image), args.title or args.preset or "")
 
 
 def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     """Metric against memory size and against CPU time per block, one line per policy."""
     metric = records[0]["metric"]
-    timed = "block_ms" in records[0]
+    timed = all("block_ms" in r for r in records)
     figure, axes = plt.subplots(1, 2 if timed else 1, figsize=(10 if timed else 5.5, 3.8),
                                 squeeze=False)
-    for policy in SWEEPS:
-        mine = sorted((r for r in records if r["model"] == policy),
+    for name in series(records):
+        mine = sorted((r for r in records if r.get("series", r["model"]) == name),
                       key=lambda r: r["avg_memory_size"])
-        if not mine:
-            continue
         axes[0][0].plot([r["avg_memory_size"] for r in mine], [r["test"] for r in mine], "o-",
-                        label=policy)
+                        label=name)
         if timed:
             axes[0][1].plot([r["block_ms"] for r in mine], [r["test"] for r in mine], "o-",
-                            label=policy)
+                            label=name)
     axes[0][0].set(xlabel="average memory size (earlier steps attended per query, test)",
                    ylabel=f"test {metric}", xscale="log", title=title)
     if timed:
@@ -185,7 +207,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", required=True, help="the task configuration to sweep")
+    parser.add_argument("--preset", help="the task configuration to sweep")
     parser.add_argument("--set", type=parse_override, action="append", default=[],
                         metavar="SECTION.FIELD=VALUE",
                         help="override a preset value, e.g. task_options.gap=400 (repeatable)")
@@ -199,11 +221,18 @@ def main() -> None:
     parser.add_argument("--compressive-spans", type=int, nargs="*",
                         help="Compressive Transformer maximum spans L")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="run directories go here")
+    parser.add_argument("--out", help="run directories go here")
+    parser.add_argument("--merge", nargs="+", metavar="RECORD[:SERIES]",
+                        help="train nothing: gather these records (see above)")
     parser.add_argument("--record", required=True, help="JSON file of every point")
     parser.add_argument("--image", required=True, help="the plot (PNG)")
     parser.add_argument("--title", default=None, help="plot title (default: the preset)")
     args = parser.parse_args()
+    if args.merge:
+        write(merged(args.merge), args)
+        return
+    if args.preset is None or args.out is None:
+        parser.error("--preset and --out are needed unless --merge is given")
     if not points(args, base_config(args)):
         raise SystemExit("nothing to sweep: give at least one of --alphas, --windows, "
                          "--adapt-losses, --compressive-spans")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -79,6 +80,17 @@ def test_max_spans_multiply_expire_span_points_only(frontier):
         {"memory": "expire-span", "alpha": 1e-4, "max_span": 256},
         {"memory": "expire-span", "alpha": 1e-4, "max_span": 1024},
         {"memory": "transformer-xl", "max_span": 216}]
+
+
+def test_merged_records_keep_their_order_and_name_their_series(frontier, tmp_path):
+    point = {"model": "expire-span", "metric": "error", "test": 50.0, "train_seconds": 12.0,
+             "avg_memory_size": 100.0}
+    (tmp_path / "a.json").write_text(json.dumps([point, {**point, "test": 40.0}]))
+    (tmp_path / "b.json").write_text(json.dumps([{**point, "model": "transformer-xl"}]))
+    records = frontier.merged([str(tmp_path / "a.json") + ":from 128", str(tmp_path / "b.json")])
+    assert [(r["test_error"], r["seconds"], r.get("series")) for r in records] == [
+        (50.0, 12.0, "from 128"), (40.0, 12.0, "from 128"), (50.0, 12.0, None)]
+    assert frontier.series(records) == ["from 128", "transformer-xl"]
 
 
 def test_overrides_are_read_as_literals_and_bad_ones_are_refused(frontier):
