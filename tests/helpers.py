@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+
 import torch
 
 from expire_span import MemoryTransformer, ModelConfig
@@ -69,3 +76,14 @@ def record_uniforms(model: MemoryTransformer) -> list[list[float]]:
 
         layer.policy.decide = recording
     return seen
+
+
+@contextmanager
+def benchmark_script(name: str) -> Iterator[ModuleType]:
+    """A script of ``benchmarks/`` imported as a module (they import each other by name)."""
+    folder = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,17 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from expire_span.tasks import build_task
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from tests.helpers import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def collision_memory():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("collision_memory")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_script("collision_memory") as module:
+        yield module
 
 
 class Echo:
@@ -51,34 +44,36 @@ class Clock:
                                memory=start + tokens.shape[1])
 
 
+BOARD = {"train_frames": 300, "valid_frames": 500, "test_frames": 300,
+         "simulation_frames": 200, "grid": 4, "colours": 2}
+
+
+def labelled_frames(task):
+    """Per valid simulation: its tokens ``[frames, width]`` and its labelled frames' indices."""
+    documents, width = task.documents("valid"), task.options.frame_tokens
+    for sim, frames in enumerate(task.simulation_lengths("valid")):
+        start = sim * documents.frames_per_row
+        tokens = np.asarray(documents.tokens[start * width:(start + frames) * width])
+        labels = np.asarray(documents.labels[start:start + frames])
+        yield tokens.reshape(frames, width), np.flatnonzero(labels > 0)
+
+
 @pytest.mark.parametrize("chunk", [4096, 13])
 def test_each_simulation_is_one_stream_from_an_empty_memory(collision_memory, chunk):
-    task = build_task("object-collision", {"train_frames": 300, "valid_frames": 500,
-                                           "test_frames": 300, "simulation_frames": 200,
-                                           "grid": 4, "colours": 2})
+    task = build_task("object-collision", BOARD)
     answers = collision_memory.model_answers(Clock(task.vocab_size), task, "valid", chunk=chunk)
-    documents, width = task.documents("valid"), task.options.frame_tokens
-    expected = []
-    for sim, frames in enumerate(task.simulation_lengths("valid")):
-        labels = np.asarray(documents.labels[sim * documents.frames_per_row:][:frames])
-        expected += [(f * width + width - 1) % task.vocab_size for f in np.flatnonzero(labels)]
+    width = task.options.frame_tokens
+    expected = [(f * width + width - 1) % task.vocab_size
+                for _, labelled in labelled_frames(task) for f in labelled]
     assert len(expected) > 20
     assert answers.tolist() == expected
 
 
 @pytest.mark.parametrize("chunk", [4096, 13])
 def test_answers_are_read_at_each_labelled_frames_last_token(collision_memory, chunk):
-    task = build_task("object-collision", {"train_frames": 300, "valid_frames": 500,
-                                           "test_frames": 300, "simulation_frames": 200,
-                                           "grid": 4, "colours": 2})
+    task = build_task("object-collision", BOARD)
     answers = collision_memory.model_answers(Echo(task.vocab_size), task, "valid", chunk=chunk)
-    documents, width = task.documents("valid"), task.options.frame_tokens
-    expected = []
-    for sim, frames in enumerate(task.simulation_lengths("valid")):
-        start = sim * documents.frames_per_row
-        tokens = np.asarray(documents.tokens[start * width:(start + frames) * width])
-        labels = np.asarray(documents.labels[start:start + frames])
-        expected += [tokens[f * width + width - 1] for f in np.flatnonzero(labels > 0)]
+    expected = [tokens[f, -1] for tokens, labelled in labelled_frames(task) for f in labelled]
     assert len(expected) == len(collision_memory.answer_distances(task, "valid")["label"]) > 20
     assert answers.tolist() == expected
 

@@ -8,23 +8,17 @@ and the knob each sweep turns reaches the model configuration.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from tests.helpers import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def frontier():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("frontier")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_script("frontier") as module:
+        yield module
 
 
 def sweep_args(frontier, *argv: str) -> argparse.Namespace:
