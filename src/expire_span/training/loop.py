@@ -408,7 +408,7 @@ class TrainingLoop(ABC):
         bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not self.progress,
                    dynamic_ncols=True)
         last_eval: dict[str, float] | None = None
-        evaluated = False
+        evaluated = improved = False
         with StopSignals() as stop:
             try:
                 while step < cfg.steps:
@@ -424,11 +424,14 @@ class TrainingLoop(ABC):
                         last_eval, evaluated = self._evaluate_on_main(), True
                         if last_eval is not None:
                             self._write({"step": step, "split": "valid", **last_eval})
-                        if cfg.keep_best and self.group.any(self._improves(step, last_eval)):
-                            self.save(step, name=BEST)
+                        improved = cfg.keep_best and self.group.any(
+                            self._improves(step, last_eval))
                     stopping = self.group.any(stop.requested is not None)
                     if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
                         path = self.save(step)
+                    if improved:  # after the periodic checkpoint: a crash here loses neither
+                        self.save(step, name=BEST)
+                        improved = False
                     if stopping:
                         raise TrainingInterrupted(
                             f"{stop.requested or 'a stop signal'} at step {step}: checkpoint "
