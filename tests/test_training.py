@@ -237,14 +237,13 @@ def test_the_best_validation_checkpoint_is_kept_through_worse_ones_and_a_resume(
     monkeypatch.setattr(trainer.task, "higher_is_better", higher_is_better)
     scripted_validation(monkeypatch, trainer, scores)
     best_weights = {}
-    original_save = trainer.save
+    original_save_best = trainer._save_best
 
-    def save(step, name=None):
-        if name == "best":
-            best_weights.update(params(trainer.model))
-        return original_save(step, name)
+    def save_best(*args):
+        best_weights.update(params(trainer.model))
+        return original_save_best(*args)
 
-    monkeypatch.setattr(trainer, "save", save)
+    monkeypatch.setattr(trainer, "_save_best", save_best)
     summary = trainer.fit()
     metric = trainer.task.primary_metric
     assert summary["best"] == {"step": 4, "metric": metric, "value": 0.5 if not
@@ -262,6 +261,21 @@ def test_the_best_validation_checkpoint_is_kept_through_worse_ones_and_a_resume(
     scripted_validation(monkeypatch, resumed, [0.8, 0.7] if higher_is_better else [0.6, 0.7])
     assert resumed.fit()["best"]["step"] == 4
     assert load_checkpoint(tmp_path / "checkpoints" / "best").step == 4
+
+
+def test_the_best_shares_the_files_of_a_periodic_checkpoint_or_is_written_alone(
+        tmp_path, monkeypatch):
+    linked = Trainer(tiny_run(eval_every=2, keep_checkpoints=5), tmp_path / "a", progress=False)
+    scripted_validation(monkeypatch, linked, [0.5, 0.9, 0.7])
+    linked.fit()
+    root = tmp_path / "a" / "checkpoints"
+    for item in (root / "step-00000004").iterdir():  # the same files, not a second write
+        assert (root / "best" / item.name).stat().st_ino == item.stat().st_ino
+    alone = Trainer(tiny_run(eval_every=3), tmp_path / "b", progress=False)  # evals at 3 and 6,
+    scripted_validation(monkeypatch, alone, [0.9, 0.5])  # checkpoints at 2, 4, 6
+    alone.fit()
+    best = load_checkpoint(tmp_path / "b" / "checkpoints" / "best", training_state=True)
+    assert best.step == 3
 
 
 def test_a_tie_goes_to_the_later_checkpoint(tmp_path, monkeypatch):

@@ -9,8 +9,9 @@ Layout of a run directory::
     OUT/checkpoints/step-000200/     model.safetensors, config.json, memory.safetensors,
                                      trainer.pt (optimizer, scheduler, step, random states),
                                      checksums.json (the SHA-256 of each of the others)
-    OUT/checkpoints/best/            the same, at the best validation score so far
-                                     (``train.keep_best``; never pruned, never resumed from)
+    OUT/checkpoints/best/            the same, at the best validation score so far (hard links
+                                     to a step-N when it is one of them;
+                                     ``train.keep_best``; never pruned, never resumed from)
 
 A checkpoint is written into a temporary directory that is renamed into place, and ``latest`` is
 replaced atomically afterwards, so an interruption at any moment leaves the previous checkpoint
@@ -155,6 +156,29 @@ def save_checkpoint(
         for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
             _discard(old)
     _remove_leftovers(root)
+    return final
+
+
+def link_checkpoint(source: Path, name: str) -> Path:
+    """Make the complete checkpoint ``source`` also the one called ``name`` in its folder
+    (replacing it), without writing it again: its files are hard-linked (copied where the file
+    system cannot link); checkpoint files are never changed once written, so sharing them is
+    safe."""
+    root = source.parent
+    final = root / name
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    try:
+        for item in source.iterdir():
+            try:
+                os.link(item, tmp / item.name)
+            except OSError:
+                shutil.copy2(item, tmp / item.name)
+        if final.exists():
+            _discard(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 

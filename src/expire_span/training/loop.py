@@ -33,6 +33,7 @@ from expire_span.training.checkpoint import (
     CheckpointError,
     LoadedCheckpoint,
     json_safe,
+    link_checkpoint,
     load_latest_valid,
     save_checkpoint,
     write_json_atomic,
@@ -353,6 +354,14 @@ class TrainingLoop(ABC):
             keep=self.train_cfg.keep_checkpoints, name=name,
         )
 
+    def _save_best(self, step: int, written: Path | None, periodic: bool) -> None:
+        """Make step ``step`` the best checkpoint: the periodic one just ``written`` (rank 0's
+        path; every rank knows whether there was one) is linked, not written again."""
+        if not periodic:
+            self.save(step, name=BEST)
+        elif written is not None:
+            link_checkpoint(written, BEST)
+
     def _improves(self, step: int, metrics: dict[str, float] | None) -> bool:
         """Whether ``metrics`` (rank 0's validation; None elsewhere) are at least as good as the
         best so far on the task's primary metric; if so they become the best. Ties go to the
@@ -427,10 +436,11 @@ class TrainingLoop(ABC):
                         improved = cfg.keep_best and self.group.any(
                             self._improves(step, last_eval))
                     stopping = self.group.any(stop.requested is not None)
-                    if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
+                    periodic = step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping
+                    if periodic:
                         path = self.save(step)
                     if improved:  # after the periodic checkpoint: a crash here loses neither
-                        self.save(step, name=BEST)
+                        self._save_best(step, path if periodic else None, periodic)
                         improved = False
                     if stopping:
                         raise TrainingInterrupted(
