@@ -31,7 +31,8 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,9 +129,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     numbered = name is None
     name = f"step-{step:08d}" if name is None else name
-    final = root / name
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
-    try:
+    with _staged(root, name) as tmp:
         save_model(model, str(tmp / MODEL_FILE))
         config = {"run": run.to_dict(), "model": model.config.to_dict(), "step": step,
                   "format": FORMAT}
@@ -145,18 +144,12 @@ def save_checkpoint(
         checksums = {item.name: sha256(item) for item in sorted(tmp.iterdir())}
         _write_atomic(tmp / CHECKSUMS_FILE, json.dumps(
             {"sha256": checksums}, indent=2, sort_keys=True).encode() + b"\n")
-        if final.exists():
-            _discard(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if numbered:
         _write_atomic(root / LATEST, name.encode())
         for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
             _discard(old)
     _remove_leftovers(root)
-    return final
+    return root / name
 
 
 def link_checkpoint(source: Path, name: str) -> Path:
@@ -164,22 +157,30 @@ def link_checkpoint(source: Path, name: str) -> Path:
     (replacing it), without writing it again: its files are hard-linked (copied where the file
     system cannot link); checkpoint files are never changed once written, so sharing them is
     safe."""
-    root = source.parent
-    final = root / name
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
-    try:
+    with _staged(source.parent, name) as tmp:
         for item in source.iterdir():
             try:
                 os.link(item, tmp / item.name)
             except OSError:
                 shutil.copy2(item, tmp / item.name)
+    return source.parent / name
+
+
+@contextmanager
+def _staged(root: Path, name: str) -> Iterator[Path]:
+    """A hidden temporary directory in ``root`` to fill; renamed to ``name`` (replacing what was
+    there) when the block ends, removed if it fails: no one ever sees a half-written checkpoint
+    under its name."""
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    try:
+        yield tmp
+        final = root / name
         if final.exists():
             _discard(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
 
 
 def _discard(directory: Path) -> None:
