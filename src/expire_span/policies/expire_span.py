@@ -14,6 +14,10 @@ The whole method, per layer (memory i created at step i, query at step t):
 - ``span_loss="l1"`` (the paper's form): ``alpha * sum_i e_i / (T * B)`` over the block's own T
   new states, so every memory is charged exactly once per unit of span, in the block that makes
   it, whether or not it ever reaches its ramp (one alpha means the same pressure in both forms);
+- read floor (``read_floor`` tau > 0, off by default; not in the paper): ``alpha * sum p_ti
+  (1 - m_ti) / (tau * T * B)`` over the ramp pairs, ``p_ti`` the pair's attention (mean over
+  heads, a constant): a pair pushes its memory's span up by ``alpha p_ti / (tau R T B)``, so
+  memories read more than tau on their ramp are held there after the task's gradient is gone;
 - random span shortening (``noisy``, training only): one ``u ~ U(0, 1)`` per block and
   ``e_i <- min(e_i, u L)`` for the mask and the loss;
 - memory i is deleted once no future query can see it, i.e. when ``m`` at the next block's first
@@ -27,6 +31,7 @@ through the mask (task loss) and through the auxiliary loss.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +64,14 @@ def new_span_sum(spans: Tensor, context: BlockContext) -> Tensor:
     queries = context.num_queries
     valid = context.states.valid[:, -queries:]
     return torch.where(valid, spans[:, -queries:], torch.zeros_like(spans[:, -queries:])).sum()
+
+
+def read_floor_sum(probs: Tensor, mask: Tensor, valid: Tensor) -> Tensor:
+    """``sum p (1 - m)`` over the ramp pairs (``0 < m < 1``, ``valid``) of a set of columns:
+    ``probs`` their attention (a constant), ``mask`` their mask, both ``[B, T, C]``. Its
+    gradient ``-p / R`` per pair opposes the ramp loss's ``1 / R``."""
+    on_ramp = valid & (mask < 1) & (mask > 0)
+    return torch.where(on_ramp, probs.detach() * (1.0 - mask), torch.zeros_like(mask)).sum()
 
 
 class SpanPredictor(nn.Linear):
@@ -128,8 +141,15 @@ class ExpireSpanPolicy(MemoryPolicy):
             bias = write_columns_(bias.unsqueeze(1), index, column_bias)
         valid = context.states.valid.gather(1, index).unsqueeze(1)
         aux = self._aux_loss(masked_spans, mask, valid, context)
+        read_loss: Callable[[Tensor], Tensor] | None = None
+        if cfg.read_floor and cfg.alpha:  # (the config rules out flex)
+            scale = cfg.alpha / (cfg.read_floor * mask.shape[0] * mask.shape[1])
+
+            def floor(probs: Tensor) -> Tensor:
+                return scale * read_floor_sum(probs, mask, valid)
+            read_loss = floor
         return MaskDecision(bias=bias, aux_loss=aux, keep=keep, bias_grad_index=index,
-                            bias_columns=column_bias, flex=flex)
+                            bias_columns=column_bias, flex=flex, read_loss=read_loss)
 
     def _aux_loss(self, spans: Tensor, mask: Tensor, valid: Tensor,
                   context: BlockContext) -> Tensor:
