@@ -1,5 +1,5 @@
-"""Expire-Span's read floor (``ModelConfig.read_floor``): a memory read on its ramp is pushed up in
-proportion to its attention, against the ramp loss's constant push down."""
+"""Expire-Span's read floor (``ModelConfig.read_floor``): a memory read on its ramp with at least
+kappa times the uniform weight is pushed up, against the span loss's push down."""
 
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ from tests.test_expire_span_formulas import (
     set_spans_by_first_channel,
 )
 
-TAU = 0.05
+KAPPA = 2.0
 
 
 def floor_decision(probs_seed: int = 0):
-    policy = make_policy(read_floor=TAU)
+    policy = make_policy(read_floor=KAPPA)
     set_spans_by_first_channel(policy)
     context = context_for(policy, requires_grad=True)
     decision = policy.decide(context)
@@ -36,31 +36,43 @@ def floor_decision(probs_seed: int = 0):
     return context, decision, columns[0].tolist(), probs
 
 
+def seen_by(query: int) -> int:
+    """Keys query ``query`` sees with a nonzero weight (itself included)."""
+    return sum(key <= query and hand_mask(span, query, key) > 0
+               for key, span in zip(STEPS, SPANS, strict=True))
+
+
 def test_read_floor_value_and_gradient_match_hand_computation():
     context, decision, columns, probs = floor_decision()
     loss = decision.read_loss(probs)
     loss.backward()
-    total, grads = 0.0, [0.0] * len(STEPS)
+    total, grads, reads, unread = 0.0, [0.0] * len(STEPS), 0, 0
     for qi, query in enumerate(QUERY_STEPS):
         for ci, key in enumerate(columns):
             span, p = SPANS[key], probs[0, qi, ci].item()
             m = hand_mask(span, query, key)
-            if key <= query and 0 < m < 1:
-                total += p * (1 - m)
-                s = span / L  # d e / d h0 = L s (1 - s); d p (1 - m) / d e = -p / R
-                grads[key] -= p / R * L * s * (1 - s)
-    scale = ALPHA / (TAU * len(QUERY_STEPS) * 1)
-    assert total > 0 and sum(g != 0 for g in grads) >= 2
-    assert loss.item() == pytest.approx(scale * total, rel=1e-5)
-    torch.testing.assert_close(context.inputs.grad[0, :, 0], scale * torch.tensor(grads))
+            if not (key <= query and 0 < m < 1):
+                continue
+            if p * seen_by(query) < KAPPA:
+                unread += 1
+                continue
+            reads += 1
+            total += 1 - m
+            s = span / L  # d e / d h0 = L s (1 - s); d (1 - m) / d e = -1 / R
+            grads[key] -= 1 / R * L * s * (1 - s)
+    assert reads >= 2 and unread >= 1  # the random weights fall both sides of kappa
+    assert loss.item() == pytest.approx(ALPHA * R * total, rel=1e-5)
+    torch.testing.assert_close(context.inputs.grad[0, :, 0], ALPHA * R * torch.tensor(grads))
 
 
-@pytest.mark.parametrize("ratio, shortens", [(0.9, True), (1.1, False)])
-def test_a_memory_read_more_than_tau_on_its_ramp_is_pushed_up(ratio, shortens):
-    # Every ramp pair read with attention p: the ramp loss pushes each span down by
-    # alpha / (R T B) per pair, the floor up by alpha p / (tau R T B): the sign turns at p = tau.
+@pytest.mark.parametrize("ratio, held", [(0.99, False), (1.01, True)])
+def test_only_memories_read_above_kappa_times_uniform_are_pushed_up(ratio, held):
+    # Every ramp pair read at ratio * kappa / n: just below kappa nothing changes (the span loss
+    # shortens every ramp memory); just above, each read pushes its memory up by alpha, more
+    # than the span loss's alpha / (R T B) per pair.
     context, decision, columns, probs = floor_decision()
-    (decision.aux_loss + decision.read_loss(torch.full_like(probs, ratio * TAU))).backward()
+    weights = torch.tensor([[ratio * KAPPA / seen_by(q)] for q in QUERY_STEPS]).expand_as(probs)
+    (decision.aux_loss + decision.read_loss(weights)).backward()
     grad = context.inputs.grad[0, :, 0]
     # (A pair exactly at m = 0 is hidden, read with p = 0, yet the clamp passes the ramp loss's
     # gradient there: memories with such a pair are left out.)
@@ -68,11 +80,11 @@ def test_a_memory_read_more_than_tau_on_its_ramp_is_pushed_up(ratio, shortens):
     on_ramp = [k for k, ms in masks.items() if any(0 < m < 1 for m in ms) and 0.0 not in ms]
     assert on_ramp
     for key in on_ramp:  # descending the loss shortens the span where the gradient is > 0
-        assert (grad[key].item() > 0) == shortens, f"memory {key}"
+        assert (grad[key].item() < 0) == held, f"memory {key}"
 
 
-def test_no_read_floor_without_tau_or_alpha():
-    for overrides in ({}, {"read_floor": TAU, "alpha": 0.0}):
+def test_no_read_floor_without_kappa_or_alpha():
+    for overrides in ({}, {"read_floor": KAPPA, "alpha": 0.0}):
         config = tiny_config(**overrides)
         policy = MemoryTransformer(config).layers[0].policy
         context = context_for_policy(policy)
@@ -120,9 +132,9 @@ def test_the_layer_adds_the_read_floor_to_the_auxiliary_loss():
     torch.manual_seed(0)
     tokens = torch.randint(0, 13, (2, 40))
     grads, aux = [], []
-    for tau in (0.0, 0.01):
+    for kappa in (0.0, 1.0):
         torch.manual_seed(1)
-        model = MemoryTransformer(tiny_config(read_floor=tau, alpha=1.0, init_percentage=0.2))
+        model = MemoryTransformer(tiny_config(read_floor=kappa, alpha=1.0, init_percentage=0.2))
         model.train()
         out = model(tokens)
         out.aux_loss.backward()
@@ -133,9 +145,9 @@ def test_the_layer_adds_the_read_floor_to_the_auxiliary_loss():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"read_floor": -0.1}, "read_floor must be in"),
-    ({"read_floor": 1.0}, "read_floor must be in"),
-    ({"read_floor": 0.1, "attention": "flex"}, "attention='flex'"),
+    ({"read_floor": -1.0}, "read_floor must be 0"),
+    ({"read_floor": 0.5}, "read_floor must be 0"),
+    ({"read_floor": 2.0, "attention": "flex"}, "attention='flex'"),
 ])
 def test_bad_read_floor_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -64,11 +64,10 @@ class ModelConfig:
     T, so memories that never reach their ramp are charged too). One alpha means the same
     pressure in both: each memory is charged alpha per unit of span once in its life."""
     read_floor: float = 0.0
-    """tau (Expire-Span, 0 = off): a (query, memory) pair on the ramp whose attention (mean over
-    heads) is p pushes the memory's span up with p / tau times the ramp loss's push down, so a
-    memory whose mean attention over its ramp exceeds tau is kept, one read less is forgotten:
-    the task's own gradient vanishes once it is solved, the attention does not. Needs a bias
-    (not ``attention="flex"``); docs/expire-span.md ("The read floor")."""
+    """kappa (Expire-Span, 0 = off, else >= 1): a memory the query reads on its ramp with at
+    least kappa times the uniform weight is pushed back up as hard as the span loss pushes the
+    whole block down, so what the task reads is not eroded once its own gradient is gone. Needs
+    a bias (not ``attention="flex"``); docs/expire-span.md ("The read floor")."""
     init_percentage: float = 0.1
     """p: every span starts at p * L (bias = logit(p), weights = 0)."""
     pre_div: float = 1.0
@@ -145,8 +144,8 @@ class ModelConfig:
             raise ValueError(f"alpha must be >= 0, got {self.alpha!r}")
         if not 0.0 < self.init_percentage < 1.0:
             raise ValueError(f"init_percentage must be in (0, 1), got {self.init_percentage!r}")
-        if not 0.0 <= self.read_floor < 1.0:
-            raise ValueError(f"read_floor must be in [0, 1), got {self.read_floor!r}")
+        if self.read_floor != 0 and not self.read_floor >= 1.0:
+            raise ValueError(f"read_floor must be 0 (off) or >= 1, got {self.read_floor!r}")
         if self.read_floor and self.attention == "flex":
             raise ValueError("read_floor needs attention probabilities, which attention='flex' "
                              "does not give; use attention='auto'")
