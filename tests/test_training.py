@@ -551,3 +551,64 @@ def test_cli_eval_of_a_missing_checkpoint(tmp_path, capsys):
 def test_cli_presets_lists_the_defaults(capsys):
     assert main(["presets"]) == 0
     assert "copy-cpu" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def branch_source(tmp_path_factory) -> Path:
+    """A finished 6-step run with checkpoints at steps 4 and 6 (never changed by the tests)."""
+    root = tmp_path_factory.mktemp("branch-source")
+    config = root / "run.json"
+    config.write_text(json.dumps(TINY))
+    assert cli("--config", str(config), "--out", str(root / "run"), "--steps", "6") == 0
+    return root / "run"
+
+
+def untimed(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+def test_a_branch_without_changes_continues_exactly_like_the_source(tmp_path, branch_source):
+    # Branched from step 4 of a 6-step run and trained to 6 with nothing changed: the weights
+    # and the log equal the source's (the weights, optimizer, random states and memory all come
+    # with the branch; the copied log is cut at the checkpoint and continued).
+    source, out = branch_source, tmp_path / "branch"
+    assert cli("--branch-from", str(source / "checkpoints" / "step-00000004"),
+               "--out", str(out)) == 0
+    for name, value in params(load_checkpoint(source).model).items():
+        torch.testing.assert_close(params(load_checkpoint(out).model)[name], value,
+                                   atol=0, rtol=0)
+    assert untimed(read_metrics(out)) == untimed(read_metrics(source))
+
+
+def test_a_branch_changes_the_losses_and_keeps_its_source(tmp_path, branch_source):
+    source = branch_source
+    before = sha256(source / "checkpoints" / "step-00000004" / "config.json")
+    out = tmp_path / "branch"
+    assert cli("--branch-from", str(source / "checkpoints" / "step-00000004"), "--out", str(out),
+               "--alpha", "0.5", "--read-floor", "2", "--steps", "8") == 0
+    loaded = load_checkpoint(out)
+    assert loaded.step == 8
+    assert (loaded.model.config.alpha, loaded.model.config.read_floor) == (0.5, 2.0)
+    assert json.loads((out / "config.json").read_text())["model"]["alpha"] == 0.5
+    assert [r["step"] for r in read_metrics(out) if r["split"] == "train"] == [2, 4, 6, 8]
+    assert sha256(source / "checkpoints" / "step-00000004" / "config.json") == before
+    assert load_checkpoint(source).model.config.alpha == TINY["model"]["alpha"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--d-model", "32"], "a branch cannot change d_model"),
+    (["--gap", "3"], "cannot change task_options.gap in a branch"),
+    (["--resume"], "--branch-from needs --out"),
+])
+def test_a_branch_refuses_what_it_cannot_continue(tmp_path, capsys, branch_source, args,
+                                                  message):
+    capsys.readouterr()
+    assert cli("--branch-from", str(branch_source), "--out", str(tmp_path / "b"), *args) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_a_branch_needs_a_new_directory(tmp_path, capsys, branch_source):
+    capsys.readouterr()
+    assert cli("--branch-from", str(branch_source), "--out", str(branch_source)) == 1
+    assert "is not empty" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from expire_span.training import (
     get_preset,
     trainer_class,
 )
+from expire_span.training.checkpoint import CheckpointError, branch_checkpoint
 from expire_span.training.config import load_config_file, merge
 from expire_span.training.distributed import Group, process_group
 
@@ -30,6 +31,12 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="run directory (default: runs/<task>-<model>-<time>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its newest checkpoint")
+    parser.add_argument("--branch-from", metavar="CHECKPOINT",
+                        help="start the new run --out from this checkpoint (or run's newest) with "
+                        "its weights, optimizer, random states and memory, changing only loss "
+                        "settings (--alpha, --read-floor, --span-loss, --ramp, --noisy, "
+                        "--adapt-span-loss, --compress-loss) and training flags: an ablation "
+                        "from a common point")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -77,6 +84,8 @@ def _task_for_parser(argv: list[str]) -> str:
     known, _ = pre.parse_known_args(argv)
     if known.task:
         return known.task
+    if known.branch_from:
+        return _saved_task(known.branch_from)
     if known.resume and known.out:
         return _saved_task(known.out)
     if known.config:
@@ -109,7 +118,25 @@ def run(argv: list[str]) -> int:
 def _train(task: str, args: argparse.Namespace, given: dict[str, dict[str, Any]],
            group: Group) -> dict[str, Any] | None:
     progress = not args.no_progress
-    if args.resume:
+    if args.branch_from:
+        if args.resume or args.preset or args.config or not args.out:
+            raise ValueError("--branch-from needs --out (a new run directory) and takes neither "
+                             "--resume, --preset nor --config")
+        fixed = sorted(f"{s}.{k}" for s in ("task_options", "rl") for k in given.get(s, {}))
+        if fixed:
+            raise ValueError(f"cannot change {', '.join(fixed)} in a branch")
+        error = None
+        if group.is_main:  # one process writes the branch; all of them learn whether it failed
+            try:
+                branch_checkpoint(args.branch_from, args.out, given.get("model", {}))
+            except (ValueError, CheckpointError) as failure:
+                error = str(failure)
+        error = group.broadcast(error)
+        if error is not None:
+            raise ValueError(error)
+        trainer = trainer_class(task)(None, args.out, resume=True,
+                                      resume_overrides=given.get("train", {}), progress=progress)
+    elif args.resume:
         if not args.out:
             raise ValueError("--resume needs --out, the run directory to continue")
         fixed = sorted(f"{s}.{k}" for s in ("model", "task_options", "rl")

@@ -24,6 +24,7 @@ or the memory (``training_state=False``: evaluation, generation), so damage ther
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -54,6 +55,7 @@ CONFIG_FILE = "config.json"
 MEMORY_FILE = "memory.safetensors"
 TRAINER_FILE = "trainer.pt"
 CHECKSUMS_FILE = "checksums.json"
+METRICS_FILE = "metrics.jsonl"
 FORMAT = 2
 """Written into every checkpoint's config (format 2: with checksums). A checkpoint whose config
 has no format was written before checksums existed; it loads unverified, with a warning."""
@@ -164,6 +166,51 @@ def link_checkpoint(source: Path, name: str) -> Path:
             except OSError:
                 shutil.copy2(item, tmp / item.name)
     return source.parent / name
+
+
+BRANCHABLE_MODEL_FIELDS = ("alpha", "read_floor", "span_loss", "ramp", "noisy",
+                           "adapt_span_loss", "compress_loss")
+"""Model fields a branch may change: they shape the losses and masks, not the parameters or the
+optimizer's groups, so the branch continues the saved weights and training state exactly."""
+
+
+def branch_checkpoint(source: str | Path, out_dir: str | Path,
+                      model_overrides: dict[str, Any]) -> Path:
+    """Start run ``out_dir`` (new or empty) from the complete checkpoint ``source`` (a checkpoint,
+    or a run whose newest intact one is taken) with ``model_overrides`` (only
+    :data:`BRANCHABLE_MODEL_FIELDS`) applied, so that resuming it continues the same weights,
+    optimizer, random states and memory under the changed losses: an ablation from a common
+    point. The source run's metrics are copied (resuming drops those after the checkpoint).
+    Returns the new checkpoint directory."""
+    fixed = sorted(set(model_overrides) - set(BRANCHABLE_MODEL_FIELDS))
+    if fixed:
+        raise ValueError(f"a branch cannot change {', '.join(fixed)} (it may change only "
+                         f"{', '.join(BRANCHABLE_MODEL_FIELDS)})")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"{out_dir} is not empty; a branch starts a new run directory")
+    loaded, _ = load_latest_valid(source, training_state=True)
+    saved = json.loads((loaded.path / CONFIG_FILE).read_text())
+    run = RunConfig.from_dict({**saved["run"],
+                               "model": {**saved["run"]["model"], **model_overrides}})
+    model_config = dataclasses.replace(loaded.model.config, **model_overrides)  # validates
+    root = out_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{loaded.step:08d}"  # (a branch from ``best`` becomes a numbered checkpoint)
+    with _staged(root, name) as tmp:
+        for item in loaded.path.iterdir():
+            if item.name not in (CONFIG_FILE, CHECKSUMS_FILE):
+                shutil.copy2(item, tmp / item.name)
+        config = {**saved, "run": run.to_dict(), "model": model_config.to_dict()}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        checksums = {item.name: sha256(item) for item in sorted(tmp.iterdir())}
+        _write_atomic(tmp / CHECKSUMS_FILE, json.dumps(
+            {"sha256": checksums}, indent=2, sort_keys=True).encode() + b"\n")
+    _write_atomic(root / LATEST, name.encode())
+    metrics = loaded.path.parent.parent / METRICS_FILE
+    if metrics.is_file():
+        shutil.copy2(metrics, out_dir / METRICS_FILE)
+    return root / name
 
 
 @contextmanager

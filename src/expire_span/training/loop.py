@@ -30,6 +30,7 @@ from expire_span.training.aux_gate import run_gate
 from expire_span.training.checkpoint import (
     BEST,
     CHECKPOINTS,
+    METRICS_FILE,
     CheckpointError,
     LoadedCheckpoint,
     json_safe,
@@ -43,7 +44,6 @@ from expire_span.training.config import RunConfig, TrainConfig, vocab_size
 from expire_span.training.distributed import current
 from expire_span.training.tensorboard import TENSORBOARD_DIR, TensorBoardLog
 
-METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 RUN_CONFIG_FILE = "config.json"
 RESUMABLE_TRAIN_FIELDS = frozenset(
