@@ -57,9 +57,9 @@ def test_read_floor_value_and_gradient_match_hand_computation():
                 unread += 1
                 continue
             reads += 1
-            total += seen_by(query) * (1 - m)
-            s = span / L  # d e / d h0 = L s (1 - s); d n (1 - m) / d e = -n / R
-            grads[key] -= seen_by(query) / R * L * s * (1 - s)
+            total += 1 - m
+            s = span / L  # d e / d h0 = L s (1 - s); d (1 - m) / d e = -1 / R
+            grads[key] -= 1 / R * L * s * (1 - s)
     assert reads >= 2 and unread >= 1  # the random weights fall both sides of kappa
     assert loss.item() == pytest.approx(ALPHA * R * total, rel=1e-5)
     torch.testing.assert_close(context.inputs.grad[0, :, 0], ALPHA * R * torch.tensor(grads))
@@ -68,7 +68,7 @@ def test_read_floor_value_and_gradient_match_hand_computation():
 @pytest.mark.parametrize("ratio, held", [(0.99, False), (1.01, True)])
 def test_only_memories_read_above_kappa_times_uniform_are_pushed_up(ratio, held):
     # Every ramp pair read at ratio * kappa / n: just below kappa nothing changes (the span loss
-    # shortens every ramp memory); just above, each read pushes its memory up by alpha n, more
+    # shortens every ramp memory); just above, each read pushes its memory up by alpha, more
     # than the span loss's alpha / (R T B) per pair.
     context, decision, columns, probs = floor_decision()
     weights = torch.tensor([[ratio * KAPPA / seen_by(q)] for q in QUERY_STEPS]).expand_as(probs)

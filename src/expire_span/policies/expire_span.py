@@ -17,10 +17,9 @@ The whole method, per layer (memory i created at step i, query at step t):
 - read floor (``read_floor`` kappa >= 1, off by default; not in the paper): a (query, memory)
   pair on the ramp that the query reads with at least kappa times the uniform weight
   (``p_ti n_t >= kappa``, ``p`` the attention, mean over heads, a constant; ``n_t`` the keys the
-  query sees) adds ``alpha R n_t (1 - m_ti)``: it pushes the memory's span up by ``alpha n_t``,
-  n_t times as hard as the span loss pushes all the block's memories down together, so a memory
-  that is read is held at its read after the task's own gradient is gone, however rare its reads
-  (docs/expire-span.md, "The read floor");
+  query sees) adds ``alpha R (1 - m_ti)``: it pushes the memory's span up by ``alpha``, as much
+  as the span loss pushes down all the block's memories together, so a memory that is read is
+  held at its read after the task's own gradient is gone (docs/expire-span.md, "The read floor");
 - random span shortening (``noisy``, training only): one ``u ~ U(0, 1)`` per block and
   ``e_i <- min(e_i, u L)`` for the mask and the loss;
 - memory i is deleted once no future query can see it, i.e. when ``m`` at the next block's first
@@ -71,12 +70,12 @@ def new_span_sum(spans: Tensor, context: BlockContext) -> Tensor:
 
 def read_floor_sum(probs: Tensor, mask: Tensor, valid: Tensor, seen: Tensor,
                    kappa: float) -> Tensor:
-    """``sum n (1 - m)`` over the ramp pairs (``0 < m < 1``, ``valid``) of a set of columns whose
-    attention ``probs`` (a constant) is at least ``kappa`` times the uniform weight ``1 / n``
-    (``seen`` ``[B, T, 1]``: the n keys each query sees); ``probs`` and ``mask`` ``[B, T, C]``.
-    Its derivative in a read memory's span is ``-n / R`` per read."""
+    """``sum (1 - m)`` over the ramp pairs (``0 < m < 1``, ``valid``) of a set of columns whose
+    attention ``probs`` (a constant) is at least ``kappa`` times the uniform weight ``1 / seen``
+    (``seen`` ``[B, T, 1]``: keys each query sees); ``probs`` and ``mask`` ``[B, T, C]``. Its
+    derivative in a read memory's span is ``-1 / R`` per read."""
     read = valid & (mask < 1) & (mask > 0) & (probs.detach() * seen >= kappa)
-    return torch.where(read, seen * (1.0 - mask), torch.zeros_like(mask)).sum()
+    return torch.where(read, 1.0 - mask, torch.zeros_like(mask)).sum()
 
 
 class SpanPredictor(nn.Linear):
