@@ -78,11 +78,9 @@ def selectivity(run_dir: Path, episodes: int = 3) -> list[dict[str, float]]:
     return out
 
 
-def measure(symbols: int, gap: int, span: int, out: Path, seed: int,
-            read_floor: float = 0.0) -> dict[str, Any]:
-    model_options = {"max_span": span} | ({"read_floor": read_floor} if read_floor else {})
+def measure(symbols: int, gap: int, span: int, out: Path, seed: int) -> dict[str, Any]:
     config = merge(get_preset(PRESET).config, {
-        "task_options": {"symbols": symbols, "gap": gap}, "model": model_options,
+        "task_options": {"symbols": symbols, "gap": gap}, "model": {"max_span": span},
         "train": {"seed": seed}})
     run_dir = out / run_name(symbols, gap, span)
     summary = train(config, run_dir)
@@ -96,7 +94,6 @@ def measure(symbols: int, gap: int, span: int, out: Path, seed: int,
         "selectivity": selectivity(run_dir),
         "settings": {name: model[name] for name in
                      ("ramp", "alpha", "init_percentage", "pre_div", "span_loss", "noisy")}
-                    | {"read_floor": model.get("read_floor", 0.0)}
                     | {name: summary["config"]["train"][name] for name in
                        ("aux_hold", "aux_hold_until", "aux_ramp", "lr", "batch_size", "seq_len",
                         "seed")},
@@ -130,9 +127,6 @@ def main() -> None:
                         "--only with no value trains nothing and just gathers --record)")
     parser.add_argument("--seed", type=int, default=0,
                         help="training seed of every run (the recorded grid used 0)")
-    parser.add_argument("--read-floor", type=float, default=0.0, metavar="KAPPA",
-                        help="Expire-Span's read floor in every run (default 0: off; see "
-                        "docs/expire-span.md); use its own --out")
     parser.add_argument("--out", default="runs/copy-robustness")
     parser.add_argument("--record", default=None,
                         help="write every finished configuration under --out to this JSON")
@@ -142,12 +136,12 @@ def main() -> None:
                                            for item in args.only]
     out = Path(args.out)
     for symbols, gap, span in grid:
-        record = measure(symbols, gap, span, out, args.seed, args.read_floor)
+        record = measure(symbols, gap, span, out, args.seed)
         print(json.dumps({k: v for k, v in record.items() if k != "settings"}), flush=True)
     if args.record:
         done = [(k, d, s) for k, d, s in GRID
                 if (out / run_name(k, d, s) / "summary.json").exists()]
-        records = [measure(k, d, s, out, args.seed, args.read_floor) for k, d, s in done]
+        records = [measure(k, d, s, out, args.seed) for k, d, s in done]
         Path(args.record).write_text(json.dumps(records, indent=2) + "\n")
         print(f"{len(records)} configurations written to {args.record}")
         print(markdown(records))

@@ -585,10 +585,10 @@ def test_a_branch_changes_the_losses_and_keeps_its_source(tmp_path, branch_sourc
     before = sha256(source / "checkpoints" / "step-00000004" / "config.json")
     out = tmp_path / "branch"
     assert cli("--branch-from", str(source / "checkpoints" / "step-00000004"), "--out", str(out),
-               "--alpha", "0.5", "--read-floor", "2", "--steps", "8") == 0
+               "--alpha", "0.5", "--span-loss", "l1", "--steps", "8") == 0
     loaded = load_checkpoint(out)
     assert loaded.step == 8
-    assert (loaded.model.config.alpha, loaded.model.config.read_floor) == (0.5, 2.0)
+    assert (loaded.model.config.alpha, loaded.model.config.span_loss) == (0.5, "l1")
     assert json.loads((out / "config.json").read_text())["model"]["alpha"] == 0.5
     assert [r["step"] for r in read_metrics(out) if r["split"] == "train"] == [2, 4, 6, 8]
     assert sha256(source / "checkpoints" / "step-00000004" / "config.json") == before

@@ -63,11 +63,6 @@ class ModelConfig:
     pairs on the ramp are charged) or l1 (the paper's: alpha * sum of every new memory's span /
     T, so memories that never reach their ramp are charged too). One alpha means the same
     pressure in both: each memory is charged alpha per unit of span once in its life."""
-    read_floor: float = 0.0
-    """kappa (Expire-Span, 0 = off, else >= 1): a memory the query reads on its ramp with at
-    least kappa times the uniform weight is pushed back up as hard as the span loss pushes the
-    whole block down, so what the task reads is not eroded once its own gradient is gone. Needs
-    a bias (not ``attention="flex"``); docs/expire-span.md ("The read floor")."""
     init_percentage: float = 0.1
     """p: every span starts at p * L (bias = logit(p), weights = 0)."""
     pre_div: float = 1.0
@@ -144,11 +139,6 @@ class ModelConfig:
             raise ValueError(f"alpha must be >= 0, got {self.alpha!r}")
         if not 0.0 < self.init_percentage < 1.0:
             raise ValueError(f"init_percentage must be in (0, 1), got {self.init_percentage!r}")
-        if self.read_floor != 0 and not self.read_floor >= 1.0:
-            raise ValueError(f"read_floor must be 0 (off) or >= 1, got {self.read_floor!r}")
-        if self.read_floor and self.attention == "flex":
-            raise ValueError("read_floor needs attention probabilities, which attention='flex' "
-                             "does not give; use attention='auto'")
         if self.pre_div <= 0:
             raise ValueError(f"pre_div must be > 0, got {self.pre_div!r}")
         if self.span_lr_scale <= 0:

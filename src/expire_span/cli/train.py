@@ -34,7 +34,7 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--branch-from", metavar="CHECKPOINT",
                         help="start the new run --out from this checkpoint (or run's newest) with "
                         "its weights, optimizer, random states and memory, changing only loss "
-                        "settings (--alpha, --read-floor, --span-loss, --ramp, --noisy, "
+                        "settings (--alpha, --span-loss, --ramp, --noisy, "
                         "--adapt-span-loss, --compress-loss) and training flags: an ablation "
                         "from a common point")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

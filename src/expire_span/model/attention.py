@@ -148,21 +148,6 @@ class MultiHeadAttention(nn.Module):
                 out = dense_attention(q, k, v, bias, dropout)
         return self.out(self._merge(out))
 
-    @torch.no_grad()
-    def column_probs(self, query_inputs: Tensor, query_rotation: Rotation, key_values: Tensor,
-                     bias: Tensor, index: Tensor) -> Tensor:
-        """``[B, T, C]``: the attention probabilities (mean over heads, no dropout) of the
-        queries on the key columns ``index`` (``[B, C]``), under ``bias`` (``[B, 1 or H, T, N]``,
-        the full constant bias the attention took). For auxiliary losses that weigh a memory by
-        how much it is read; no gradient. Costs one ``[B, H, T, N]`` score product."""
-        q = self.rotary.rotate(self._split(self.query(query_inputs)), query_rotation)
-        k = self._heads(key_values.chunk(2, dim=-1)[0])
-        scores = torch.matmul(q.transpose(1, 2), k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-        scores = scores + bias
-        log_norm = torch.logsumexp(scores, dim=-1, keepdim=True)
-        by_entry = index[:, None, None, :].expand(-1, scores.shape[1], scores.shape[2], -1)
-        return (scores.gather(3, by_entry) - log_norm).exp().mean(dim=1)
-
     def _merge(self, heads: Tensor) -> Tensor:
         """``[B, H, T, d]`` -> ``[B, T, H * d]``."""
         batch, _, length, _ = heads.shape

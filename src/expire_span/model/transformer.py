@@ -131,17 +131,10 @@ class TransformerLayer(nn.Module):
             attended = self.attention(inputs[:, -queries:], steps, key_values, None,
                                       query_rotation=rotation, flex=plan)
             memory_size, row_memory_size = plan.memory_size, plan.row_memory_size
-            aux_loss = decision.aux_loss
         else:
             bias, columns = decision.hide(~visible.unsqueeze(1), inputs.dtype)
             attended = self.attention(inputs[:, -queries:], steps, key_values, bias,
                                       decision.bias_grad_index, columns, rotation)
-            aux_loss = decision.aux_loss
-            if decision.read_loss is not None:
-                assert decision.bias_grad_index is not None
-                probs = self.attention.column_probs(inputs[:, -queries:], rotation, key_values,
-                                                    bias, decision.bias_grad_index)
-                aux_loss = aux_loss + decision.read_loss(probs)
             with torch.no_grad():  # earlier steps seen with nonzero weight (the query excluded)
                 per_row = bias.numel() // (bias.shape[0] * bias.shape[-1])  # heads x queries
                 seen = (bias > float("-inf")).sum(dim=(1, 2, 3))
@@ -155,7 +148,7 @@ class TransformerLayer(nn.Module):
             hidden = self.norm_attention(hidden + self.dropout(attended))
             hidden = self.norm_feed_forward(hidden + self.dropout(self.feed_forward(hidden)))
         new_memory = self.policy.update(context, decision).detach()
-        return LayerOutput(hidden, new_memory, aux_loss, memory_size, row_memory_size)
+        return LayerOutput(hidden, new_memory, decision.aux_loss, memory_size, row_memory_size)
 
     def _kv_version(self) -> tuple[int, ...]:
         """Identifies the parameters keys and values depend on: a cache made with other values

@@ -122,10 +122,6 @@ class MaskDecision:
         flex: the mask as per-key quantities (:mod:`expire_span.policies.flex_mask`), for
             FlexAttention; when set (only asked for when ``BlockContext.flex``) the layer uses it
             and ignores ``bias``. ``None``: the layer attends with ``bias`` (SDPA).
-        read_loss: optional (with ``bias_grad_index``, never with ``flex``): a further
-            auxiliary loss from how much the block's queries read the columns
-            ``bias_grad_index``: the layer calls it with their ``[B, T, C]`` attention
-            probabilities (mean over heads, no gradient) and adds the result to ``aux_loss``.
 
     The layer owns ``bias`` once it is returned (it hides future keys and padding in place).
     """
@@ -136,7 +132,6 @@ class MaskDecision:
     bias_grad_index: Tensor | None = None
     bias_columns: Tensor | None = None
     flex: FlexMask | None = None
-    read_loss: Callable[[Tensor], Tensor] | None = None
 
     def hide(self, hidden: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
         """The bias with the ``hidden`` entries (``[B, 1, T, N]`` bool: future keys, padding) at

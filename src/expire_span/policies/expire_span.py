@@ -14,12 +14,6 @@ The whole method, per layer (memory i created at step i, query at step t):
 - ``span_loss="l1"`` (the paper's form): ``alpha * sum_i e_i / (T * B)`` over the block's own T
   new states, so every memory is charged exactly once per unit of span, in the block that makes
   it, whether or not it ever reaches its ramp (one alpha means the same pressure in both forms);
-- read floor (``read_floor`` kappa >= 1, off by default; not in the paper): a (query, memory)
-  pair on the ramp that the query reads with at least kappa times the uniform weight
-  (``p_ti n_t >= kappa``, ``p`` the attention, mean over heads, a constant; ``n_t`` the keys the
-  query sees) adds ``alpha R (1 - m_ti)``: it pushes the memory's span up by ``alpha``, as much
-  as the span loss pushes down all the block's memories together, so a memory that is read is
-  held at its read after the task's own gradient is gone (docs/expire-span.md, "The read floor");
 - random span shortening (``noisy``, training only): one ``u ~ U(0, 1)`` per block and
   ``e_i <- min(e_i, u L)`` for the mask and the loss;
 - memory i is deleted once no future query can see it, i.e. when ``m`` at the next block's first
@@ -33,7 +27,6 @@ through the mask (task loss) and through the auxiliary loss.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -66,16 +59,6 @@ def new_span_sum(spans: Tensor, context: BlockContext) -> Tensor:
     queries = context.num_queries
     valid = context.states.valid[:, -queries:]
     return torch.where(valid, spans[:, -queries:], torch.zeros_like(spans[:, -queries:])).sum()
-
-
-def read_floor_sum(probs: Tensor, mask: Tensor, valid: Tensor, seen: Tensor,
-                   kappa: float) -> Tensor:
-    """``sum (1 - m)`` over the ramp pairs (``0 < m < 1``, ``valid``) of a set of columns whose
-    attention ``probs`` (a constant) is at least ``kappa`` times the uniform weight ``1 / seen``
-    (``seen`` ``[B, T, 1]``: keys each query sees); ``probs`` and ``mask`` ``[B, T, C]``. Its
-    derivative in a read memory's span is ``-1 / R`` per read."""
-    read = valid & (mask < 1) & (mask > 0) & (probs.detach() * seen >= kappa)
-    return torch.where(read, 1.0 - mask, torch.zeros_like(mask)).sum()
 
 
 class SpanPredictor(nn.Linear):
@@ -145,17 +128,8 @@ class ExpireSpanPolicy(MemoryPolicy):
             bias = write_columns_(bias.unsqueeze(1), index, column_bias)
         valid = context.states.valid.gather(1, index).unsqueeze(1)
         aux = self._aux_loss(masked_spans, mask, valid, context)
-        read_loss: Callable[[Tensor], Tensor] | None = None
-        if cfg.read_floor and cfg.alpha:  # (the config rules out flex)
-            assert bias is not None
-            seen = ((bias[:, 0] > float("-inf")) & context.visible).sum(dim=-1, keepdim=True)
-
-            def floor(probs: Tensor) -> Tensor:
-                held = read_floor_sum(probs, mask, valid, seen, cfg.read_floor)
-                return cfg.alpha * cfg.ramp * held
-            read_loss = floor
         return MaskDecision(bias=bias, aux_loss=aux, keep=keep, bias_grad_index=index,
-                            bias_columns=column_bias, flex=flex, read_loss=read_loss)
+                            bias_columns=column_bias, flex=flex)
 
     def _aux_loss(self, spans: Tensor, mask: Tensor, valid: Tensor,
                   context: BlockContext) -> Tensor:

@@ -168,7 +168,7 @@ def link_checkpoint(source: Path, name: str) -> Path:
     return source.parent / name
 
 
-BRANCHABLE_MODEL_FIELDS = ("alpha", "read_floor", "span_loss", "ramp", "noisy",
+BRANCHABLE_MODEL_FIELDS = ("alpha", "span_loss", "ramp", "noisy",
                            "adapt_span_loss", "compress_loss")
 """Model fields a branch may change: they shape the losses and masks, not the parameters or the
 optimizer's groups, so the branch continues the saved weights and training state exactly."""
