@@ -93,3 +93,30 @@ def test_overrides_are_read_as_literals_and_bad_ones_are_refused(frontier):
         "model": {"memory": "expire-span"}}
     with pytest.raises(argparse.ArgumentTypeError, match="section.field=value"):
         frontier.parse_override("lr=3e-4")
+
+
+def test_rl_claims_name_the_window_of_transformer_xl_only_and_refuse_mismatches(tmp_path):
+    def write(name, value):
+        path = tmp_path / name
+        path.write_text(json.dumps(value))
+        return str(path)
+
+    config = {"task": "corridor", "task_options": {"min_length": 100}, "rl": {},
+              "train": {"seed": 2}, "model": {"alpha": 1e-6, "span_loss": "l1", "ramp": 16,
+                                              "n_layers": 1, "d_model": 32,
+                                              "init_percentage": 0.06}}
+    metrics = {"success_rate": 0.5, "memory_at_decision": 20.0, "memory_size": 12.0,
+               "mean_length": 150.0, "episodes": 128.0}
+    records = [write(f"{m}.json", {"task": "corridor", "split": "test", "model": m,
+                                   "max_span": 64, "step": 7, "metrics": metrics})
+               for m in ("expire-span", "transformer-xl")]
+    with benchmark_script("rl_claims") as module:
+        result = module.gather([f"{records[0]}:{write('c.json', config)}:best",
+                                f"{records[1]}:{tmp_path / 'c.json'}"])
+        entries = result["corridor"]
+        assert [(e["model"], e["window"], e["seed"], e["label"]) for e in entries] == [
+            ("expire-span", None, 2, "best"), ("transformer-xl", 64, 2, None)]
+        assert entries[0]["memory_at_decision"] == 20.0 and entries[0]["avg_memory_size"] == 12.0
+        other = write("other.json", {**config, "task": "instruction"})
+        with pytest.raises(ValueError, match="given with a config for 'instruction'"):
+            module.gather([f"{records[0]}:{other}"])
