@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,7 +72,7 @@ def test_spans_command_needs_a_text_task(tmp_path, capsys):
 
 
 def test_agent_spans_record_each_new_state_with_the_observation_that_made_it():
-    from expire_span.analysis.agent_spans import agent_spans, mean_spans_by
+    from expire_span.analysis.agent_spans import agent_spans, mean_spans_by, outcomes_by_length
     from expire_span.training import RunConfig, get_preset
 
     run = RunConfig.from_dict(get_preset("corridor-test").config)
@@ -97,3 +98,18 @@ def test_agent_spans_record_each_new_state_with_the_observation_that_made_it():
                                            expected.expand(int(chosen.sum())))
     table = mean_spans_by(record.spans, {"cue": cue, "none": cue & ~cue})
     assert set(table) == {"cue"} and table["cue"]["steps"] == int(cue.sum())
+    # every finished episode began at a recorded episode start (or before the recording)
+    assert record.episodes
+    for episode in record.episodes:
+        if episode.start is not None:
+            assert record.episode_start[episode.start, episode.env]
+            following = record.episode_start[episode.start + 1:episode.start + episode.length,
+                                             episode.env]
+            assert not following.any()
+    rows = outcomes_by_length(record, [0, 1000])
+    complete = [e for e in record.episodes if e.start is not None]
+    assert rows[0]["episodes"] == len(complete)
+    assert rows[0]["success"] == pytest.approx(np.mean([e.success for e in complete]))
+    first = [float(record.spans[0, e.start, e.env]) for e in complete]
+    assert rows[0]["first_step_span"][0] == pytest.approx(np.mean(first), rel=1e-5)
+    assert outcomes_by_length(record, [1000, 2000]) == []

@@ -23,12 +23,25 @@ from expire_span.training.rollout import EnvRunner, greedy, sampler
 @dataclass
 class AgentSpans:
     """``steps`` steps of ``B`` environments: ``observations`` ``[S, B, F]`` (what each step
-    read), ``episode_start`` ``[S, B]`` (the step began an episode) and ``spans`` ``[n_layers,
-    S, B]`` (the span given to the state that step added to the memory)."""
+    read), ``episode_start`` ``[S, B]`` (the step began an episode), ``spans`` ``[n_layers,
+    S, B]`` (the span given to the state that step added to the memory) and the ``episodes``
+    that ended."""
 
     observations: np.ndarray
     episode_start: np.ndarray
     spans: Tensor
+    episodes: list[FinishedEpisode]
+
+
+@dataclass
+class FinishedEpisode:
+    """An episode that ended within the recorded steps: environment ``env``, its first step's
+    index ``start`` (``None`` when it began before the recording), ``length`` and ``success``."""
+
+    env: int
+    start: int | None
+    length: int
+    success: float
 
 
 @torch.no_grad()
@@ -47,19 +60,42 @@ def agent_spans(agent: MemoryAgent, task: RLTask, steps: int, num_envs: int = 8,
     handles = [policy.span_predictor.register_forward_hook(
         lambda module, inputs, output: current.append(output[:, -1]))
         for policy in policies]
-    observations, starts, spans = [], [], []
+    observations, starts, spans, episodes = [], [], [], []
     try:
-        for _ in range(steps):
+        for index in range(steps):
             observations.append(runner.observations.cpu().numpy())
             starts.append((runner.prev_actions == runner.none_action).cpu().numpy())
             current.clear()
-            runner.step(agent, choose)
+            record = runner.step(agent, choose)
             spans.append(torch.stack(current).float().cpu())
+            for episode in record.finished:
+                start = index - episode.length + 1
+                episodes.append(FinishedEpisode(episode.env, start if start >= 0 else None,
+                                                episode.length, episode.success))
     finally:
         for handle in handles:
             handle.remove()
         agent.train(was_training)
-    return AgentSpans(np.stack(observations), np.stack(starts), torch.stack(spans, dim=1))
+    return AgentSpans(np.stack(observations), np.stack(starts), torch.stack(spans, dim=1),
+                      episodes)
+
+
+def outcomes_by_length(record: AgentSpans, edges: list[int]) -> list[dict]:
+    """Success and first-step span (mean per layer) of the finished episodes whose length lies in
+    each ``[edges[k], edges[k + 1])``: whether the episodes a policy fails are those that outlast
+    the span of what it saw first (Corridor's cue). Episodes begun before the recording are
+    left out; empty bins too."""
+    rows = []
+    complete = [e for e in record.episodes if e.start is not None]
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        chosen = [e for e in complete if low <= e.length < high]
+        if not chosen:
+            continue
+        first = torch.stack([record.spans[:, e.start, e.env] for e in chosen])  # [E, layers]
+        rows.append({"lengths": [low, high], "episodes": len(chosen),
+                     "success": float(np.mean([e.success for e in chosen])),
+                     "first_step_span": [float(v) for v in first.mean(dim=0)]})
+    return rows
 
 
 def mean_spans_by(spans: Tensor, groups: dict[str, np.ndarray]) -> dict[str, dict]:
