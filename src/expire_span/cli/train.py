@@ -115,6 +115,11 @@ def run(argv: list[str]) -> int:
     return 0
 
 
+def _given_fields(given: dict[str, dict[str, Any]], sections: tuple[str, ...]) -> list[str]:
+    """``section.field`` for every flag given in ``sections`` (for refusing them), sorted."""
+    return sorted(f"{s}.{k}" for s in sections for k in given.get(s, {}))
+
+
 def _train(task: str, args: argparse.Namespace, given: dict[str, dict[str, Any]],
            group: Group) -> dict[str, Any] | None:
     progress = not args.no_progress
@@ -122,7 +127,7 @@ def _train(task: str, args: argparse.Namespace, given: dict[str, dict[str, Any]]
         if args.resume or args.preset or args.config or not args.out:
             raise ValueError("--branch-from needs --out (a new run directory) and takes neither "
                              "--resume, --preset nor --config")
-        fixed = sorted(f"{s}.{k}" for s in ("task_options", "rl") for k in given.get(s, {}))
+        fixed = _given_fields(given, ("task_options", "rl"))
         if fixed:
             raise ValueError(f"cannot change {', '.join(fixed)} in a branch")
         error = None
@@ -139,8 +144,7 @@ def _train(task: str, args: argparse.Namespace, given: dict[str, dict[str, Any]]
     elif args.resume:
         if not args.out:
             raise ValueError("--resume needs --out, the run directory to continue")
-        fixed = sorted(f"{s}.{k}" for s in ("model", "task_options", "rl")
-                       for k in given.get(s, {}))
+        fixed = _given_fields(given, ("model", "task_options", "rl"))
         if fixed or args.preset or args.config:
             changed = fixed + [f for f in ("--preset", "--config") if getattr(args, f[2:])]
             raise ValueError(f"cannot change {', '.join(changed)} when resuming a run")

@@ -143,15 +143,20 @@ def save_checkpoint(
         for item in tmp.iterdir():
             with open(item, "rb") as handle:
                 os.fsync(handle.fileno())
-        checksums = {item.name: sha256(item) for item in sorted(tmp.iterdir())}
-        _write_atomic(tmp / CHECKSUMS_FILE, json.dumps(
-            {"sha256": checksums}, indent=2, sort_keys=True).encode() + b"\n")
+        _write_checksums(tmp)
     if numbered:
         _write_atomic(root / LATEST, name.encode())
         for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
             _discard(old)
     _remove_leftovers(root)
     return root / name
+
+
+def _write_checksums(directory: Path) -> None:
+    """Record the SHA-256 of every file in ``directory`` (written last: it vouches for the rest)."""
+    checksums = {item.name: sha256(item) for item in sorted(directory.iterdir())}
+    _write_atomic(directory / CHECKSUMS_FILE, json.dumps(
+        {"sha256": checksums}, indent=2, sort_keys=True).encode() + b"\n")
 
 
 def link_checkpoint(source: Path, name: str) -> Path:
@@ -203,9 +208,7 @@ def branch_checkpoint(source: str | Path, out_dir: str | Path,
                 shutil.copy2(item, tmp / item.name)
         config = {**saved, "run": run.to_dict(), "model": model_config.to_dict()}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        checksums = {item.name: sha256(item) for item in sorted(tmp.iterdir())}
-        _write_atomic(tmp / CHECKSUMS_FILE, json.dumps(
-            {"sha256": checksums}, indent=2, sort_keys=True).encode() + b"\n")
+        _write_checksums(tmp)
     _write_atomic(root / LATEST, name.encode())
     metrics = loaded.path.parent.parent / METRICS_FILE
     if metrics.is_file():
