@@ -1,30 +1,37 @@
 """Streaming generation with memory.
 
-The prompt is read in blocks (one call), then tokens are produced one at a time, each a call of
-length 1 that carries and prunes the memory, so memory stays bounded by what the policy keeps and
-the cost per token does not grow with the number of tokens generated.
+The prompt is read in blocks (one call), then tokens are produced one at a time, each read by the
+one-token step of :mod:`expire_span.model.decoding` (or, for a policy without one, by a call of
+length 1), which carries and prunes the memory, so memory stays bounded by what the policy keeps
+and the cost per token does not grow with the number of tokens generated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor
 
 from expire_span.memory import Memory
+from expire_span.model.decoding import Decoder
 from expire_span.model.transformer import MemoryTransformer
 
 
 @dataclass
 class GeneratedToken:
     """One generation step: ``tokens`` ``[B]`` sampled from ``logits`` ``[B, V]``; ``memory``
-    is the memory after reading everything before these tokens."""
+    is the memory after reading everything before these tokens (built when first read)."""
 
     tokens: Tensor
     logits: Tensor
-    memory: Memory
+    read_memory: Callable[[], Memory] = field(repr=False)
+
+    @cached_property
+    def memory(self) -> Memory:
+        return self.read_memory()
 
 
 def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
@@ -84,8 +91,10 @@ def generate_stream(
         generator.seed()
     try:
         out = model(prompt, memory)
+        logits, read_memory = out.logits[:, -1], _constant(out.memory)
+        decoder = Decoder.build(model, out.memory) if max_new_tokens > 1 else None
         for index in range(max_new_tokens):
-            logits = out.logits[:, -1].float()
+            logits = logits.float()
             if banned:
                 logits[:, banned] = float("-inf")
             if temperature == 0:
@@ -93,11 +102,21 @@ def generate_stream(
             else:
                 probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
                 tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            yield GeneratedToken(tokens, logits, out.memory)
-            if index + 1 < max_new_tokens:
+            yield GeneratedToken(tokens, logits, read_memory)
+            if index + 1 == max_new_tokens:
+                break
+            if decoder is not None:  # the one-token step (model/decoding.py)
+                logits = decoder.step(tokens)
+                read_memory = decoder.frozen_memory()
+            else:
                 out = model(tokens.unsqueeze(-1), out.memory)
+                logits, read_memory = out.logits[:, -1], _constant(out.memory)
     finally:
         model.train(was_training)
+
+
+def _constant(memory: Memory) -> Callable[[], Memory]:
+    return lambda: memory
 
 
 def generate(

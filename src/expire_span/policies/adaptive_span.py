@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from expire_span.config import ModelConfig
 from expire_span.policies.base import (
     BlockContext,
+    DecodeRule,
     MaskDecision,
     MemoryPolicy,
     log_mask_bias,
@@ -64,11 +65,7 @@ class AdaptiveSpanPolicy(MemoryPolicy):
     def decide(self, context: BlockContext) -> MaskDecision:
         cfg = self.config
         aux = cfg.adapt_span_loss * self.spans().mean()
-        next_age = (context.next_step - context.states.steps).unsqueeze(1)  # [B, 1, N]
-        with torch.no_grad():
-            keep = next_age.squeeze(1) <= cfg.max_span
-            if cfg.prune_expired:
-                keep = (self.mask(next_age) > 0).any(dim=1).squeeze(1)
+        keep = self.alive(context.next_step - context.states.steps)
         if context.flex:  # per-head spans and the window, as FlexAttention's mask
             ages = key_ages(context.states.steps, context.states.valid,
                             context.next_step - context.num_queries)
@@ -77,6 +74,17 @@ class AdaptiveSpanPolicy(MemoryPolicy):
         bias, index, columns = self._bias(context.age)
         return MaskDecision(bias=bias, aux_loss=aux, keep=keep, bias_grad_index=index,
                             bias_columns=columns)
+
+    def alive(self, next_age: Tensor) -> Tensor:
+        """``[B, N]``: the memories some head can still see ``next_age`` (``[B, N]``) steps on
+        (with ``prune_expired=False``: the last L)."""
+        with torch.no_grad():
+            if not self.config.prune_expired:
+                return next_age <= self.config.max_span
+            return (self.mask(next_age.unsqueeze(1)) > 0).any(dim=1).squeeze(1)
+
+    def decode_rule(self) -> DecodeRule:
+        return HeadSpanRule(self)
 
     def _bias(self, age: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``[B, H, T, N]`` bias ``log m`` (a constant), the ``[B, C]`` key columns outside which
@@ -99,3 +107,16 @@ class AdaptiveSpanPolicy(MemoryPolicy):
         """Keep every span in ``[0, L]``."""
         with torch.no_grad():
             self.span_fraction.clamp_(0.0, 1.0)
+
+
+class HeadSpanRule(DecodeRule):
+    """One-token steps: the bias is ``log m_h`` of each head's ramp mask at the memory's age."""
+
+    def __init__(self, policy: AdaptiveSpanPolicy) -> None:
+        self.policy = policy
+
+    def bias(self, key_values: Tensor | None, age: Tensor) -> Tensor:
+        return self.policy.mask(age.unsqueeze(1)).squeeze(2).log_()  # [B, H, N]; log 0 = -inf
+
+    def alive(self, key_values: Tensor | None, next_age: Tensor) -> Tensor:
+        return self.policy.alive(next_age)

@@ -152,6 +152,35 @@ class MaskDecision:
         return bias, columns
 
 
+class DecodeRule:
+    """A policy's mask for one-token inference steps (generation), from values kept beside each
+    memory instead of a :class:`BlockContext`: what :mod:`expire_span.model.decoding` needs to
+    attend with a few operations per token. A policy without one (``decode_rule`` ``None``) is
+    decoded by the layers' general path.
+
+    Attributes:
+        window: attend only the last ``window`` memories (and the query), with no bias: the
+            policy's whole mask (Transformer-XL); ``None``: every live memory, with :meth:`bias`.
+    """
+
+    window: int | None = None
+
+    def key_value(self, inputs: Tensor) -> Tensor | None:
+        """``[B, 1]`` the value kept beside a new memory (e.g. its span) from its normalised
+        input ``[B, 1, D]``; ``None``: the rule keeps none."""
+        return None
+
+    def bias(self, key_values: Tensor | None, age: Tensor) -> Tensor | None:
+        """``[B, 1 or H, N]`` additive attention bias (``-inf`` hides) of memories of ``age``
+        (``[B, N]`` int64, 0 for the query itself) holding ``key_values`` (``[B, N]``)."""
+        return None
+
+    def alive(self, key_values: Tensor | None, next_age: Tensor) -> Tensor:
+        """``[B, N]`` bool: the memories some query at ``next_age`` steps on can still see (the
+        policy's ``keep``)."""
+        raise NotImplementedError
+
+
 class MemoryPolicy(nn.Module):
     """Base class of memory policies: one instance per layer.
 
@@ -200,6 +229,12 @@ class MemoryPolicy(nn.Module):
 
     def after_optimizer_step(self) -> None:
         """Called by trainers after every optimizer step."""
+
+    def decode_rule(self) -> DecodeRule | None:
+        """The policy's mask for one-token inference steps, for fast generation; ``None`` (the
+        default): generation uses the general path. Asked for in eval mode without gradients,
+        and only when the memory is a plain :class:`LayerMemory`."""
+        return None
 
     def zero(self, context: BlockContext) -> Tensor:
         """A zero auxiliary loss on the right device and dtype."""

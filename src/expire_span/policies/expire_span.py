@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from expire_span.config import ModelConfig
 from expire_span.policies.base import (
     BlockContext,
+    DecodeRule,
     MaskDecision,
     MemoryPolicy,
     log_mask_bias,
@@ -166,8 +167,37 @@ class ExpireSpanPolicy(MemoryPolicy):
 
     def _keep(self, context: BlockContext, spans: Tensor) -> Tensor:
         """Entries some future query can still attend (by the true, not the noisy, spans)."""
-        next_age = context.next_step - context.states.steps
-        if not self.config.prune_expired:
-            return next_age < self.config.max_span + self.config.ramp
-        with torch.no_grad():  # m > 0 at the next query <=> r > -R (float-safe: keeps, never drops)
-            return spans - next_age > -self.config.ramp
+        return _alive(self.config, spans, context.next_step - context.states.steps)
+
+    def decode_rule(self) -> DecodeRule:
+        return SpanRule(self)
+
+
+def _alive(config: ModelConfig, spans: Tensor, next_age: Tensor) -> Tensor:
+    """Memories of ``spans`` that a query ``next_age`` steps on can still attend."""
+    if not config.prune_expired:
+        return next_age < config.max_span + config.ramp
+    with torch.no_grad():  # m > 0 at the next query <=> r > -R (float-safe: keeps, never drops)
+        return spans - next_age > -config.ramp
+
+
+class SpanRule(DecodeRule):
+    """One-token steps: each memory's span is predicted once, when it is made, and kept beside
+    it; the bias is ``log m`` of the ramp mask from the span and the age (the same mask as
+    :meth:`ExpireSpanPolicy.decide` in inference, where spans are recomputed from the same
+    states)."""
+
+    def __init__(self, policy: ExpireSpanPolicy) -> None:
+        self.policy, self.config = policy, policy.config
+
+    def key_value(self, inputs: Tensor) -> Tensor:
+        return self.policy.spans(inputs)
+
+    def bias(self, key_values: Tensor | None, age: Tensor) -> Tensor:
+        assert key_values is not None
+        remaining = key_values - age
+        return ramp_mask(remaining, self.config.ramp).log_().unsqueeze(1)  # log 0 = -inf
+
+    def alive(self, key_values: Tensor | None, next_age: Tensor) -> Tensor:
+        assert key_values is not None
+        return _alive(self.config, key_values, next_age)

@@ -7,7 +7,9 @@ next query can still see. Cost grows linearly with L whatever the data.
 
 from __future__ import annotations
 
-from expire_span.policies.base import BlockContext, MaskDecision, MemoryPolicy
+from torch import Tensor
+
+from expire_span.policies.base import BlockContext, DecodeRule, MaskDecision, MemoryPolicy
 from expire_span.policies.flex_mask import SpanMask, key_ages
 
 
@@ -29,3 +31,16 @@ class TransformerXLPolicy(MemoryPolicy):
             aux_loss=self.zero(context),
             keep=next_age <= span,
         )
+
+    def decode_rule(self) -> DecodeRule:
+        return WindowRule(self.config.max_span)
+
+
+class WindowRule(DecodeRule):
+    """One-token steps attend the last L memories and the query; nothing else is kept."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+
+    def alive(self, key_values: Tensor | None, next_age: Tensor) -> Tensor:
+        return next_age <= self.window
