@@ -88,16 +88,29 @@ class _LayerStep:
 
     def __init__(self, layer: TransformerLayer, memory: LayerMemory, rule: DecodeRule,
                  next_step: int) -> None:
-        attention = layer.attention
+        attention, feed_forward = layer.attention, layer.feed_forward
         self.layer, self.rule = layer, rule
         self.heads, self.head_dim = attention.n_heads, attention.head_dim
-        self.width = attention.n_heads * attention.head_dim
-        self.qkv = torch.cat([attention.query.weight, attention.key_value.weight])
+        self.width = width = attention.n_heads * attention.head_dim
         self.pre_norm = layer.config.pre_norm
+        # One product gives the queries and keys, the same rotated by half (the rotary pairs
+        # swapped within each head), and the values: the rotation is then two operations.
+        half = self.head_dim // 2
+        query_key = torch.cat([attention.query.weight, attention.key_value.weight[:width]])
+        swapped = query_key.view(2, -1, 2, half, width).flip(2).reshape(2 * width, width)
+        extra = [] if rule.projection is None else [rule.projection]  # the rule's kept value
+        self.projection = torch.cat([query_key, swapped, attention.key_value.weight[width:],
+                                     *extra]).t()
+        self.out = attention.out.weight.t()
+        self.inner = (feed_forward[0].weight.t(), feed_forward[0].bias)
+        self.outer = (feed_forward[3].weight.t(), feed_forward[3].bias)
+        self.gelu = feed_forward[1].approximate
+        self.norms = [(norm.weight, norm.bias, norm.eps)
+                      for norm in (layer.norm_attention, layer.norm_feed_forward)]
         inputs = self._normalise(memory.hidden)
         kv = attention.keys_values(inputs, memory.steps)
         keys, values = (self._heads(x) for x in kv.chunk(2, dim=-1))
-        kept = rule.key_value(inputs)
+        kept = None if rule.projection is None else rule.kept(F.linear(inputs, rule.projection))
         self.slots = self._pack(memory.hidden, keys, values, memory.steps, memory.valid, kept,
                                 next_step)
 
@@ -106,6 +119,10 @@ class _LayerStep:
 
     def _normalise(self, hidden: Tensor) -> Tensor:
         return self.layer.norm_attention(hidden) if self.pre_norm else hidden
+
+    def _norm(self, index: int, hidden: Tensor) -> Tensor:
+        weight, bias, eps = self.norms[index]
+        return F.layer_norm(hidden, (self.width,), weight, bias, eps)
 
     def _pack(self, hidden: Tensor, keys: Tensor, values: Tensor, steps: Tensor, valid: Tensor,
               kept: Tensor | None, next_step: int) -> _Slots:
@@ -133,37 +150,42 @@ class _LayerStep:
                           slots.valid[:, :slots.end], kept, step)
 
     def __call__(self, hidden: Tensor, step: int, cos: Tensor, sin: Tensor) -> Tensor:
-        """The layer on one token ``hidden`` (``[B, 1, D]``) at absolute ``step``."""
+        """The layer on one token ``hidden`` (``[B, D]``) at absolute ``step``; ``cos`` and
+        ``sin`` (``[2 D]``) its rotary table for the queries and keys of every head."""
         slots = self.slots
         if slots.end == slots.capacity:
             slots = self.slots = self._repack(step)
-        layer, batch, width, slot = self.layer, hidden.shape[0], self.width, slots.end
-        inputs = self._normalise(hidden)
-        qkv = F.linear(inputs, self.qkv)  # [B, 1, 3 D]
-        pair = qkv[:, 0, :2 * width].view(batch, 2, self.heads, 2, self.head_dim // 2)
-        rotated = torch.addcmul(pair.flatten(-2) * cos, pair.flip(-2).flatten(-2), sin)
-        slots.keys[:, :, slot] = rotated[:, 1]
-        slots.values[:, :, slot] = qkv[:, 0, 2 * width:].view(batch, self.heads, self.head_dim)
-        slots.hidden[:, slot] = hidden[:, 0]
+        batch, width, slot = hidden.shape[0], self.width, slots.end
+        inputs = self._norm(0, hidden) if self.pre_norm else hidden
+        projected = torch.mm(inputs, self.projection)  # [B, 5 D]
+        rotated = torch.addcmul(projected[:, :2 * width] * cos, projected[:, 2 * width:4 * width],
+                                sin)  # queries and keys
+        slots.keys[:, :, slot] = rotated[:, width:].view(batch, self.heads, self.head_dim)
+        slots.values[:, :, slot] = projected[:, 4 * width:5 * width].view(
+            batch, self.heads, self.head_dim)
+        slots.hidden[:, slot] = hidden
         if slots.kept is not None:
-            kept = self.rule.key_value(inputs)
-            assert kept is not None
-            slots.kept[:, slot] = kept[:, 0]
+            slots.kept[:, slot] = self.rule.kept(projected[:, 5 * width:])
         end = slots.end = slot + 1
         window = self.rule.window
         if window is not None and slots.consecutive:  # the window is the last slots
             lo, bias = max(0, end - window - 1), None
         else:
             lo, bias = 0, self._bias(slots, step, end, hidden.dtype)
-        attended = self._attend(rotated[:, 0].unsqueeze(2), slots.keys[:, :, lo:end],
-                                slots.values[:, :, lo:end], bias)
-        attended = F.linear(attended.transpose(1, 2).reshape(batch, 1, width),
-                            layer.attention.out.weight)
+        query = rotated[:, :width].view(batch, self.heads, 1, self.head_dim)
+        attended = self._attend(query, slots.keys[:, :, lo:end], slots.values[:, :, lo:end], bias)
+        attended = attended.view(batch, width)
         if self.pre_norm:
-            hidden = hidden + attended
-            return hidden + layer.feed_forward(layer.norm_feed_forward(hidden))
-        hidden = layer.norm_attention(hidden + attended)
-        return layer.norm_feed_forward(hidden + layer.feed_forward(hidden))
+            hidden = torch.addmm(hidden, attended, self.out)
+            return torch.addmm(hidden, self._inner(self._norm(1, hidden)), self.outer[0]).add_(
+                self.outer[1])
+        hidden = self._norm(0, torch.addmm(hidden, attended, self.out))
+        return self._norm(1, torch.addmm(hidden, self._inner(hidden), self.outer[0]).add_(
+            self.outer[1]))
+
+    def _inner(self, hidden: Tensor) -> Tensor:
+        weight, bias = self.inner
+        return F.gelu(torch.addmm(bias, hidden, weight), approximate=self.gelu)
 
     def _bias(self, slots: _Slots, step: int, end: int, dtype: torch.dtype) -> Tensor:
         """``[B, 1 or H, 1, N]``: the rule's bias over slots ``[0, end)``, padding hidden (a
@@ -219,6 +241,7 @@ class Decoder:
                        for layer, layer_memory, rule in zip(model.layers, memory.layers, rules,
                                                             strict=True)]
         self._tables: tuple[int, Tensor, Tensor] | None = None
+        self.head = model.head.weight.t()
 
     @classmethod
     def build(cls, model: MemoryTransformer, memory: Memory) -> Decoder | None:
@@ -234,10 +257,13 @@ class Decoder:
         return cls(model, memory, rules)  # type: ignore[arg-type]
 
     def _rotation(self, step: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The rotary table at ``step`` (``[1, 1, d]`` cos and signed sin), from chunks."""
+        """The rotary table at ``step`` for the queries and keys of every head (``[2 D]`` cos
+        and signed sin), from tables computed a chunk of steps at a time."""
         if self._tables is None or not 0 <= step - self._tables[0] < _TABLE_CHUNK:
             steps = torch.arange(step, step + _TABLE_CHUNK, device=self.model.device)
-            cos, sin = self.model.layers[0].attention.rotary.tables(steps, dtype)
+            tiles = 2 * self.model.config.n_heads  # [chunk, 1, d] -> [chunk, 2 H d]
+            cos, sin = (table.expand(-1, tiles, -1).reshape(_TABLE_CHUNK, -1) for table in
+                        self.model.layers[0].attention.rotary.tables(steps, dtype))
             self._tables = (step, cos, sin)
         first, cos, sin = self._tables
         return cos[step - first], sin[step - first]
@@ -246,12 +272,12 @@ class Decoder:
     def step(self, tokens: Tensor) -> Tensor:
         """Read ``tokens`` (``[B]`` ids, one per stream); return the next logits ``[B, V]``."""
         model = self.model
-        hidden = model.embedding(tokens).unsqueeze(1)
+        hidden = F.embedding(tokens, model.embedding.weight)
         cos, sin = self._rotation(self.next_step, hidden.dtype)
         for layer in self.layers:
             hidden = layer(hidden, self.next_step, cos, sin)
         self.next_step += 1
-        return model.head(model.norm_out(hidden))[:, 0]
+        return torch.mm(model.norm_out(hidden), self.head)
 
     def memory(self) -> Memory:
         """The memory after everything read so far, as the general path would hold it (the

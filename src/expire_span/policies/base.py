@@ -161,14 +161,18 @@ class DecodeRule:
     Attributes:
         window: attend only the last ``window`` memories (and the query), with no bias: the
             policy's whole mask (Transformer-XL); ``None``: every live memory, with :meth:`bias`.
+        projection: ``[K, D]`` or ``None``: a linear map of a new memory's normalised input
+            (computed in the same product as its key and value) from which :meth:`kept` gives
+            the value the rule keeps beside it (Expire-Span: the span predictor's weights).
     """
 
     window: int | None = None
+    projection: Tensor | None = None
 
-    def key_value(self, inputs: Tensor) -> Tensor | None:
-        """``[B, 1]`` the value kept beside a new memory (e.g. its span) from its normalised
-        input ``[B, 1, D]``; ``None``: the rule keeps none."""
-        return None
+    def kept(self, projected: Tensor) -> Tensor:
+        """``[...]``: the value kept beside each memory, from ``projected`` (``[..., K]``, the
+        inputs times :attr:`projection`)."""
+        raise NotImplementedError
 
     def bias(self, key_values: Tensor | None, age: Tensor) -> Tensor | None:
         """``[B, 1 or H, N]`` additive attention bias (``-inf`` hides) of memories of ``age``

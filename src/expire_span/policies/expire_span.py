@@ -188,10 +188,12 @@ class SpanRule(DecodeRule):
     states)."""
 
     def __init__(self, policy: ExpireSpanPolicy) -> None:
-        self.policy, self.config = policy, policy.config
+        self.config, predictor = policy.config, policy.span_predictor
+        self.projection = predictor.weight / predictor.pre_div
+        self.offset = predictor.bias
 
-    def key_value(self, inputs: Tensor) -> Tensor:
-        return self.policy.spans(inputs)
+    def kept(self, projected: Tensor) -> Tensor:
+        return torch.sigmoid(projected.squeeze(-1) + self.offset).mul_(self.config.max_span)
 
     def bias(self, key_values: Tensor | None, age: Tensor) -> Tensor:
         assert key_values is not None
