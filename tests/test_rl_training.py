@@ -10,7 +10,7 @@ import torch
 from expire_span.cli import main
 from expire_span.training import RLTrainer, RunConfig, get_preset, load_checkpoint
 from expire_span.training.config import vocab_size
-from expire_span.training.ppo import Rollout, longest_success, replay
+from expire_span.training.ppo import Rollout, replay
 from expire_span.training.presets import PRESETS
 from expire_span.training.rollout import Episode, evaluate_agent
 
@@ -162,47 +162,6 @@ def test_a_gated_curriculum_waits_for_the_success_rate(tmp_path):
     for _ in range(3):
         trainer._advance_curriculum(rollout([1.0]))
     assert trainer.curriculum_level == 1.0
-
-
-def test_the_gate_can_wait_for_the_longest_episodes_of_several_updates(tmp_path):
-    run = tiny_run({"curriculum_updates": 4, "curriculum_success": 0.75,
-                    "curriculum_longest": 0.5, "curriculum_window": 2}, steps=1)
-    trainer = RLTrainer(run, tmp_path, progress=False)
-
-    def update(*episodes):
-        trainer._advance_curriculum(
-            Rollout(*([None] * 10), finished=[Episode(0, s, n, s) for n, s in episodes]))
-        return trainer.curriculum_level
-
-    # 3 of 4 succeed overall, but the longest two only half: wait
-    assert update((10, 1.0), (11, 1.0), (30, 1.0), (31, 0.0)) == 0.0
-    # pooled with the last update: the longest 3 of 6 (40, 31, 30) succeed 2 of 3 < 0.75
-    assert update((40, 1.0), (5, 0.0)) == 0.0
-    # the first update has left the window: the longest 2 of (40, 5, 50, 35) succeed
-    assert update((50, 1.0), (35, 1.0)) == 0.25
-    assert update() == 0.5  # the window still holds the last update's (50, 35)
-    assert update() == 0.5  # nothing in the window: wait
-
-
-def test_longest_success_picks_the_longest_fraction():
-    episodes = [(3, 0.0), (9, 1.0), (7, 1.0), (1, 1.0)]
-    assert longest_success(episodes, 0.5) == 1.0  # (9, 7)
-    assert longest_success(episodes, 0.75) == pytest.approx(2 / 3)  # (9, 7, 3)
-    assert longest_success(episodes, 0.01) == 1.0  # at least one: (9,)
-    assert longest_success(episodes, 1.0) == 0.75
-    assert longest_success([], 0.5) is None
-
-
-def test_the_gates_pool_resumes_exactly(tmp_path):
-    rl = {"curriculum_updates": 10, "curriculum_window": 3, "carry_memory": True}
-    straight = RLTrainer(tiny_run(rl, steps=4), tmp_path / "a", progress=False)
-    straight.fit()
-    RLTrainer(tiny_run(rl, steps=2), tmp_path / "b", progress=False).fit()
-    resumed = RLTrainer(None, tmp_path / "b", resume=True, progress=False,
-                        resume_overrides={"steps": 4})
-    resumed.fit()
-    assert len(straight.curriculum_pool) == 3
-    assert resumed.curriculum_pool == straight.curriculum_pool
 
 
 def test_a_task_without_a_curriculum_refuses_one(tmp_path):

@@ -168,14 +168,6 @@ class RLConfig:
     curriculum_success: float = 0.0
     """The curriculum only advances after an update whose finished training episodes succeeded
     at least this often (0: it advances every update); the lengths wait for the policy."""
-    curriculum_longest: float = 1.0
-    """The gate measures the success of this fraction of the episodes it pools, the longest
-    first (1: all of them). Below 1 the lengths wait for the longest episodes, the first to fail
-    when the lengths outgrow what the memory holds (docs/rl.md, "A gate on the longest
-    episodes")."""
-    curriculum_window: int = 1
-    """Updates whose finished training episodes the gate pools (the last ones; 1: this update's
-    only): more episodes, so a small ``curriculum_longest`` fraction is not a handful."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
@@ -187,12 +179,6 @@ class RLConfig:
         if not 0 <= self.curriculum_success <= 1:
             raise ValueError(f"rl.curriculum_success must be in [0, 1], got "
                              f"{self.curriculum_success!r}")
-        if not 0 < self.curriculum_longest <= 1:
-            raise ValueError(f"rl.curriculum_longest must be in (0, 1], got "
-                             f"{self.curriculum_longest!r}")
-        if not isinstance(self.curriculum_window, int) or self.curriculum_window < 1:
-            raise ValueError(f"rl.curriculum_window must be an integer >= 1, got "
-                             f"{self.curriculum_window!r}")
         if not isinstance(self.curriculum_updates, int) or self.curriculum_updates < 0:
             raise ValueError(f"rl.curriculum_updates must be an integer >= 0, got "
                              f"{self.curriculum_updates!r}")

@@ -74,16 +74,6 @@ class Rollout:
         return sum(e.success for e in self.finished) / len(self.finished)
 
 
-def longest_success(episodes: list[tuple[int, float]], fraction: float) -> float | None:
-    """Mean success of the longest ``fraction`` of ``(length, success)`` episodes (at least one;
-    equal lengths in the given order), ``None`` for no episodes."""
-    if not episodes:
-        return None
-    count = max(1, round(fraction * len(episodes)))
-    longest = sorted(episodes, key=lambda episode: -episode[0])[:count]
-    return sum(success for _, success in longest) / len(longest)
-
-
 def gae(rewards: Tensor, values: Tensor, dones: Tensor, last_value: Tensor, gamma: float,
         lam: float) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over ``[T, B]`` tensors; returns (advantages, returns).
@@ -149,24 +139,18 @@ class RLTrainer(TrainingLoop):
         self.interval = _Interval()
         self.curriculum_advances = 0
         """Updates after which the curriculum advanced (checkpointed)."""
-        self.curriculum_pool: list[list[tuple[int, float]]] = []
-        """(length, success) of the episodes finished in each of the last
-        ``curriculum_window`` updates: what the gate measures (checkpointed)."""
         if self.rl.curriculum_updates:
             self.task.curriculum_options(0.0)  # refuses a task without one, before training
 
     def _trainer_state(self) -> dict[str, Any]:
         return {**super()._trainer_state(), "runner": self.runner.state(),
-                "curriculum_advances": self.curriculum_advances,
-                "curriculum_pool": self.curriculum_pool}
+                "curriculum_advances": self.curriculum_advances}
 
     def _restore(self, loaded: LoadedCheckpoint) -> None:
         super()._restore(loaded)
         assert loaded.trainer_state is not None
         self.runner.load_state(loaded.trainer_state["runner"], self.memory)
         self.curriculum_advances = loaded.trainer_state.get("curriculum_advances", 0)
-        self.curriculum_pool = [[(int(length), float(success)) for length, success in update]
-                                for update in loaded.trainer_state.get("curriculum_pool", [])]
 
     def evaluate(self, split: str = "valid", progress: bool = False) -> dict[str, float]:
         return evaluate_agent(
@@ -242,18 +226,12 @@ class RLTrainer(TrainingLoop):
         return min(1.0, self.curriculum_advances / updates) if updates else 1.0
 
     def _advance_curriculum(self, rollout: Rollout) -> None:
-        """One step of ``1 / curriculum_updates`` towards the full lengths, after an update where
-        the episodes the gate pools (those finished in the last ``curriculum_window`` updates;
-        of them the ``curriculum_longest`` fraction, longest first) reached
-        ``curriculum_success`` (nothing pooled: wait)."""
+        """One step of ``1 / curriculum_updates`` towards the full lengths, after a rollout whose
+        finished episodes reached ``curriculum_success`` (a rollout that finished none waits)."""
         rl = self.rl
         if not rl.curriculum_updates or self.curriculum_level >= 1.0:
             return
-        self.curriculum_pool.append([(e.length, e.success) for e in rollout.finished])
-        del self.curriculum_pool[:-rl.curriculum_window]
-        success = longest_success(
-            [episode for update in self.curriculum_pool for episode in update],
-            rl.curriculum_longest)
+        success = rollout.success_rate()
         if success is not None and success >= rl.curriculum_success:
             self.curriculum_advances += 1
 
