@@ -107,7 +107,7 @@ class _LayerStep:
         self.gelu = feed_forward[1].approximate
         self.norms = [(norm.weight, norm.bias, norm.eps)
                       for norm in (layer.norm_attention, layer.norm_feed_forward)]
-        inputs = self._normalise(memory.hidden)
+        inputs = self._norm(0, memory.hidden) if self.pre_norm else memory.hidden
         kv = attention.keys_values(inputs, memory.steps)
         keys, values = (self._heads(x) for x in kv.chunk(2, dim=-1))
         kept = None if rule.projection is None else rule.kept(F.linear(inputs, rule.projection))
@@ -116,9 +116,6 @@ class _LayerStep:
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.view(*x.shape[:2], self.heads, self.head_dim).transpose(1, 2)
-
-    def _normalise(self, hidden: Tensor) -> Tensor:
-        return self.layer.norm_attention(hidden) if self.pre_norm else hidden
 
     def _norm(self, index: int, hidden: Tensor) -> Tensor:
         weight, bias, eps = self.norms[index]
@@ -130,11 +127,8 @@ class _LayerStep:
         keep = valid & self.rule.alive(kept, next_step - steps)
         counts = keep.sum(dim=1)
         width = int(counts.max()) if counts.numel() else 0
-        if bool((counts == keep.shape[1]).all()):  # nothing to drop: no reordering
-            order = None
-        else:
+        if not bool((counts == keep.shape[1]).all()):  # pack left (nothing to drop: as is)
             order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :width]
-        if order is not None:
             rows = torch.arange(order.shape[0], device=order.device).unsqueeze(1)
             hidden, steps = hidden[rows, order], steps[rows, order]
             keys, values = (x[rows, :, order].transpose(1, 2) for x in (keys, values))
@@ -230,7 +224,8 @@ class Decoder:
     """Reads a stream one token per call, from a memory the model made (see the module doc).
 
     Build it with :meth:`build`; :meth:`step` returns the next-token logits; :meth:`memory` the
-    memory after everything read so far.
+    memory after everything read so far. The weights are read when it is built: a decoder
+    serves one generation, not a model that is trained meanwhile.
     """
 
     def __init__(self, model: MemoryTransformer, memory: Memory,
