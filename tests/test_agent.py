@@ -9,6 +9,7 @@ import torch
 from expire_span import MemoryTransformer, available_policies
 from expire_span.model import MemoryAgent, agent_vocab_size
 from expire_span.tasks import build_task
+from expire_span.training import RLConfig
 from expire_span.training.ppo import Rollout, gae, replay
 from expire_span.training.rollout import EnvRunner, greedy, sampler
 from tests.helpers import tiny_config, tiny_model
@@ -250,14 +251,33 @@ def test_carried_memory_streams_episodes_with_increasing_steps():
     assert int(runner.memory.sizes[:, 0].min()) == 16  # the full window, across episodes
 
 
+@pytest.mark.parametrize("blocks", [False, True])
 @pytest.mark.parametrize("policy", ["expire-span", "transformer-xl"])
-def test_replay_recomputes_a_carried_rollout_exactly(policy):
+def test_replay_recomputes_a_carried_rollout_exactly(policy, blocks):
     """The replay applies the acting run's memory rule: carried memory is not reset at episode
-    ends (replaying with resets would change the steps after them)."""
+    ends (replaying with resets would change the steps after them); in one block call as step
+    by step."""
     task = build_task("corridor", {"min_length": 2, "max_length": 5})
     agent = tiny_agent(policy, task)
     rollout, records = recorded_rollout(agent, task, carry_memory=True)
     agent.train()
-    logits, _, _ = replay(agent, rollout)
+    logits, values, aux = replay(agent, rollout, blocks)
     torch.testing.assert_close(logits, torch.stack([r.output.logits[:, 0] for r in records]),
                                atol=ATOL, rtol=0)
+    torch.testing.assert_close(values, torch.stack([r.output.values[:, 0] for r in records]),
+                               atol=ATOL, rtol=0)
+    if blocks:  # the same auxiliary loss as the steps' mean
+        torch.testing.assert_close(aux, replay(agent, rollout)[2], atol=1e-7, rtol=1e-4)
+
+
+def test_a_block_replay_refuses_a_rollout_with_resets():
+    task = build_task("corridor", {"min_length": 2, "max_length": 5})
+    agent = tiny_agent("expire-span", task)
+    rollout, _ = recorded_rollout(agent, task)
+    with pytest.raises(ValueError, match="step by step"):
+        replay(agent, rollout, blocks=True)
+
+
+def test_block_replay_needs_carried_memory():
+    with pytest.raises(ValueError, match="needs rl.carry_memory"):
+        RLConfig(replay_blocks=True)

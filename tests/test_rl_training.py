@@ -360,3 +360,16 @@ def test_cli_refuses_bad_corridor_lengths_in_one_line(tmp_path, capsys, flags, m
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_trainer_replays_in_blocks_when_asked(tmp_path, monkeypatch):
+    seen = []
+
+    def recording(agent, rollout, blocks=False):
+        seen.append(blocks)
+        return replay(agent, rollout, blocks)
+
+    monkeypatch.setattr("expire_span.training.ppo.replay", recording)
+    run = tiny_run({"carry_memory": True, "replay_blocks": True}, steps=1)
+    RLTrainer(run, tmp_path, progress=False).fit()
+    assert seen and all(seen)

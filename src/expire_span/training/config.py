@@ -161,6 +161,11 @@ class RLConfig:
     """Keep each environment's memory across its episodes (a stream of episodes, the episode
     start visible as the "none" previous action) instead of resetting it at every episode end,
     so that old episodes' memories age out and a span loss acts; evaluation does the same."""
+    replay_blocks: bool = False
+    """With carried memory, replay each rollout in one call (the model's blocks of
+    ``block_len`` steps) instead of one call per step: several times faster, and a step then
+    also gets gradients through the earlier states of its block, as in sequence training.
+    Needs ``carry_memory`` (an episode ending inside a block cannot be reset there)."""
     curriculum_updates: int = 0
     """Updates over which the task's episode lengths grow linearly from a tenth of their options
     to the options themselves (0: no curriculum); evaluation always uses the options. Tasks
@@ -176,6 +181,9 @@ class RLConfig:
             raise ValueError("rl.clip_range must be > 0 and rl.epochs >= 1")
         if self.value_coef < 0 or self.entropy_coef < 0:
             raise ValueError("rl.value_coef and rl.entropy_coef must be >= 0")
+        if self.replay_blocks and not self.carry_memory:
+            raise ValueError("rl.replay_blocks needs rl.carry_memory: with memory reset at "
+                             "every episode end the replay must be step by step")
         if not 0 <= self.curriculum_success <= 1:
             raise ValueError(f"rl.curriculum_success must be in [0, 1], got "
                              f"{self.curriculum_success!r}")

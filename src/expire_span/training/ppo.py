@@ -93,11 +93,19 @@ def gae(rewards: Tensor, values: Tensor, dones: Tensor, last_value: Tensor, gamm
     return advantages, advantages + values
 
 
-def replay(agent: MemoryAgent, rollout: Rollout) -> tuple[Tensor, Tensor, Tensor]:
-    """Recompute the segment step by step from its start memory with the agent's current weights.
+def replay(agent: MemoryAgent, rollout: Rollout, blocks: bool = False
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    """Recompute the segment from its start memory with the agent's current weights: step by
+    step, or with ``blocks`` (a rollout without resets only) in one call.
 
     Returns logits ``[T, B, A]``, values ``[T, B]`` and the mean auxiliary loss.
     """
+    if blocks:
+        if rollout.resets is None or bool(rollout.resets.any()):
+            raise ValueError("a rollout with memory resets is replayed step by step")
+        out = agent(*(x.transpose(0, 1) for x in (rollout.observations, rollout.prev_actions,
+                                                  rollout.prev_rewards)), rollout.memory)
+        return out.logits.transpose(0, 1), out.values.transpose(0, 1), out.aux_loss
     memory = rollout.memory
     resets = rollout.dones if rollout.resets is None else rollout.resets
     logits, values, aux = [], [], []
@@ -202,7 +210,7 @@ class RLTrainer(TrainingLoop):
         aux_weight = self.aux_gate.scale(step)
         self.model.train()
         for _ in range(rl.epochs):
-            logits, values, aux_loss = replay(self.model, rollout)
+            logits, values, aux_loss = replay(self.model, rollout, rl.replay_blocks)
             log_probs = torch.log_softmax(logits.float(), -1)
             new = log_probs.gather(-1, rollout.actions[..., None])[..., 0]
             ratio = (new - rollout.log_probs).exp()
