@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from expire_span.cli import main
-from expire_span.training import RLTrainer, RunConfig, get_preset, load_checkpoint
+from expire_span.training import RLConfig, RLTrainer, RunConfig, get_preset, load_checkpoint
 from expire_span.training.config import vocab_size
 from expire_span.training.ppo import Rollout, replay
 from expire_span.training.presets import PRESETS
@@ -100,8 +100,25 @@ def test_curriculum_lengths_grow_from_a_tenth_to_the_options():
     assert task.curriculum_options(0.5) == {"min_length": 55, "max_length": 110}
     assert task.curriculum_options(1.0) == {"min_length": 100, "max_length": 200}
     assert task.curriculum_options(3.0) == task.curriculum_options(1.0)
+    assert task.curriculum_options(0.0, start=0.5) == {"min_length": 50, "max_length": 100}
+    assert task.curriculum_options(0.5, start=0.5) == {"min_length": 75, "max_length": 150}
     task.options.step_limit = 500
     assert task.curriculum_options(0.0)["step_limit"] == 50
+
+
+def test_the_curriculum_can_start_elsewhere(tmp_path):
+    """``rl.curriculum_start`` sets the first lengths of training and of the span rule."""
+    run = tiny_run({"curriculum_updates": 2, "curriculum_start": 0.5}, seq_len=40)
+    run.task_options.update(min_length=10, max_length=20)
+    trainer = RLTrainer(run, tmp_path, progress=False)
+    trainer._train_step(0)
+    assert {env.options.max_length for env in trainer.runner.envs.get_attr("unwrapped")} == {10}
+    config = get_preset("corridor-long").config
+    staged = RunConfig.from_dict({**config, "rl": {**config["rl"], "curriculum_updates": 100,
+                                                   "curriculum_start": 0.5}})
+    assert staged.resolved().model["init_percentage"] * 512 == pytest.approx(1.25 * 100 + 2 + 4)
+    with pytest.raises(ValueError, match="curriculum_start"):
+        RLConfig(curriculum_start=0.0)
 
 
 def test_with_a_curriculum_spans_start_above_its_first_dependency():

@@ -170,6 +170,8 @@ class RLConfig:
     """Updates over which the task's episode lengths grow linearly from a tenth of their options
     to the options themselves (0: no curriculum); evaluation always uses the options. Tasks
     without length options refuse it."""
+    curriculum_start: float = RLTask.CURRICULUM_START
+    """The fraction of the task's length options where the curriculum starts (in (0, 1])."""
     curriculum_success: float = 0.0
     """The curriculum only advances after an update whose finished training episodes succeeded
     at least this often (0: it advances every update); the lengths wait for the policy."""
@@ -184,6 +186,9 @@ class RLConfig:
         if self.replay_blocks and not self.carry_memory:
             raise ValueError("rl.replay_blocks needs rl.carry_memory: with memory reset at "
                              "every episode end the replay must be step by step")
+        if not 0 < self.curriculum_start <= 1:
+            raise ValueError(f"rl.curriculum_start must be in (0, 1], got "
+                             f"{self.curriculum_start!r}")
         if not 0 <= self.curriculum_success <= 1:
             raise ValueError(f"rl.curriculum_success must be in [0, 1], got "
                              f"{self.curriculum_success!r}")
@@ -273,7 +278,8 @@ class RunConfig:
         dependency = getattr(task, "dependency_length", None)
         if isinstance(task, RLTask) and self.rl.get("curriculum_updates"):
             # spans start above the first dependency the agent meets and grow with the lengths
-            first = build_task(self.task, {**task.options_dict(), **task.curriculum_options(0.0)})
+            start = task.curriculum_options(0.0, self.rl_config.curriculum_start)
+            first = build_task(self.task, {**task.options_dict(), **start})
             dependency = first.dependency_length
         missing = [name for name in DERIVED_FIELDS if name not in self.model]
         if dependency is None or not missing:

@@ -200,7 +200,8 @@ class RLTrainer(TrainingLoop):
     def _train_step(self, step: int) -> None:
         if self.rl.curriculum_updates:
             self.runner.envs.call("set_options",
-                                  **self.task.curriculum_options(self.curriculum_level))
+                                  **self.task.curriculum_options(self.curriculum_level,
+                                                                 self.rl.curriculum_start))
         rollout = self.collect()
         rl = self.rl
         advantages, returns = gae(rollout.rewards, rollout.values, rollout.dones,

@@ -107,7 +107,8 @@ class RLTask:
     """Integer options that set the episode lengths, scaled by a curriculum
     (:meth:`curriculum_options`); empty: the task has none."""
     CURRICULUM_START: ClassVar[float] = 0.1
-    """Where a curriculum starts: this fraction of every length option."""
+    """Where a curriculum starts by default (``rl.curriculum_start``): this fraction of every
+    length option."""
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -135,15 +136,16 @@ class RLTask:
         memory size there, ``memory_at_decision``). Default: every step."""
         return np.ones(len(observations), dtype=bool)
 
-    def curriculum_options(self, level: float) -> dict[str, int]:
+    def curriculum_options(self, level: float, start: float = CURRICULUM_START
+                           ) -> dict[str, int]:
         """The length options at curriculum ``level`` in [0, 1]: each of
-        :attr:`curriculum_fields` times ``START + (1 - START) * level``, rounded, at least 1
+        :attr:`curriculum_fields` times ``start + (1 - start) * level``, rounded, at least 1
         where the option is (an option left at None stays None); ``ValueError`` if the task has
         no such options."""
         if not self.curriculum_fields:
             raise ValueError(f"task {self.name!r} has no episode-length curriculum "
                              "(rl.curriculum_updates must be 0)")
-        factor = self.CURRICULUM_START + (1.0 - self.CURRICULUM_START) * min(max(level, 0.0), 1.0)
+        factor = start + (1.0 - start) * min(max(level, 0.0), 1.0)
         values = self.options_dict()
         return {name: max(min(values[name], 1), round(values[name] * factor))
                 for name in self.curriculum_fields if values[name] is not None}
