@@ -6,7 +6,7 @@ update), about a hundred tensor operations per layer, each a few microseconds of
 batch 1 that overhead, not attention, is the token's cost. :class:`Decoder` keeps, per layer,
 append-only buffers of the memories' states, rotated keys and values (laid out as attention reads
 them) and steps, plus the value the policy's :class:`~expire_span.policies.base.DecodeRule`
-keeps beside each memory (Expire-Span: its span, predicted once); a token is then about twenty
+keeps beside each memory (Expire-Span: its span, predicted once); a token is then about thirty
 operations per layer. Memories that expire stay in the buffers, hidden by the rule's bias, until
 the buffers are full; they are then packed (dropping what the rule no longer keeps) into new
 buffers twice as wide as what is kept, so a pack costs about one slot per token.
