@@ -115,3 +115,17 @@ def test_the_decoder_reads_a_window_with_a_gap_in_its_steps():
     layers = [layer.select(layer.steps != 25) for layer in memory.layers]
     assert all(bool(layer.valid.all()) for layer in layers)
     decode_beside_general(model, prompt=0, memory=type(memory)(layers, 30, memory.policy))
+
+
+@pytest.mark.parametrize("policy", RULED)
+def test_the_decoder_starts_alike_from_a_memory_with_or_without_its_cache(policy):
+    """The decoder reuses the memory's inference cache (keys, values, normalised inputs) when it
+    is valid and computes them otherwise (a moved memory has none)."""
+    model = tiny_model(policy)
+    with torch.no_grad():
+        memory = model(TOKENS[:, :30]).memory
+    assert all(layer.kv is not None for layer in memory.layers)
+    bare = memory.to("cpu")
+    assert all(layer.kv is None for layer in bare.layers)
+    decode_beside_general(model, prompt=0, memory=bare)
+    decode_beside_general(model, prompt=0, memory=memory)

@@ -107,8 +107,12 @@ class _LayerStep:
         self.gelu = feed_forward[1].approximate
         self.norms = [(norm.weight, norm.bias, norm.eps)
                       for norm in (layer.norm_attention, layer.norm_feed_forward)]
-        inputs = self._norm(0, memory.hidden) if self.pre_norm else memory.hidden
-        kv = attention.keys_values(inputs, memory.steps)
+        if memory.cached_width(layer._kv_version()) == memory.width:  # the inference cache
+            assert memory.inputs is not None and memory.kv is not None
+            inputs, kv = memory.inputs, memory.kv
+        else:
+            inputs = self._norm(0, memory.hidden) if self.pre_norm else memory.hidden
+            kv = attention.keys_values(inputs, memory.steps)
         keys, values = (self._heads(x) for x in kv.chunk(2, dim=-1))
         kept = None if rule.projection is None else rule.kept(F.linear(inputs, rule.projection))
         self.slots = self._pack(memory.hidden, keys, values, memory.steps, memory.valid, kept,

@@ -115,8 +115,8 @@ class HeadSpanRule(DecodeRule):
     def __init__(self, policy: AdaptiveSpanPolicy) -> None:
         self.policy = policy
 
-    def bias(self, key_values: Tensor | None, age: Tensor) -> Tensor:
+    def bias(self, kept: Tensor | None, age: Tensor) -> Tensor:
         return self.policy.mask(age.unsqueeze(1)).squeeze(2).log_()  # [B, H, N]; log 0 = -inf
 
-    def alive(self, key_values: Tensor | None, next_age: Tensor) -> Tensor:
+    def alive(self, kept: Tensor | None, next_age: Tensor) -> Tensor:
         return self.policy.alive(next_age)

@@ -174,12 +174,12 @@ class DecodeRule:
         inputs times :attr:`projection`)."""
         raise NotImplementedError
 
-    def bias(self, key_values: Tensor | None, age: Tensor) -> Tensor | None:
+    def bias(self, kept: Tensor | None, age: Tensor) -> Tensor | None:
         """``[B, 1 or H, N]`` additive attention bias (``-inf`` hides) of memories of ``age``
-        (``[B, N]`` int64, 0 for the query itself) holding ``key_values`` (``[B, N]``)."""
+        (``[B, N]`` int64, 0 for the query itself) holding ``kept`` (``[B, N]``, :meth:`kept`)."""
         return None
 
-    def alive(self, key_values: Tensor | None, next_age: Tensor) -> Tensor:
+    def alive(self, kept: Tensor | None, next_age: Tensor) -> Tensor:
         """``[B, N]`` bool: the memories some query at ``next_age`` steps on can still see (the
         policy's ``keep``)."""
         raise NotImplementedError

@@ -195,11 +195,11 @@ class SpanRule(DecodeRule):
     def kept(self, projected: Tensor) -> Tensor:
         return torch.sigmoid(projected.squeeze(-1) + self.offset).mul_(self.config.max_span)
 
-    def bias(self, key_values: Tensor | None, age: Tensor) -> Tensor:
-        assert key_values is not None
-        remaining = key_values - age
+    def bias(self, kept: Tensor | None, age: Tensor) -> Tensor:
+        assert kept is not None
+        remaining = kept - age
         return ramp_mask(remaining, self.config.ramp).log_().unsqueeze(1)  # log 0 = -inf
 
-    def alive(self, key_values: Tensor | None, next_age: Tensor) -> Tensor:
-        assert key_values is not None
-        return _alive(self.config, key_values, next_age)
+    def alive(self, kept: Tensor | None, next_age: Tensor) -> Tensor:
+        assert kept is not None
+        return _alive(self.config, kept, next_age)

@@ -42,5 +42,5 @@ class WindowRule(DecodeRule):
     def __init__(self, window: int) -> None:
         self.window = window
 
-    def alive(self, key_values: Tensor | None, next_age: Tensor) -> Tensor:
+    def alive(self, kept: Tensor | None, next_age: Tensor) -> Tensor:
         return next_age <= self.window

@@ -167,9 +167,9 @@ class RLConfig:
     also gets gradients through the earlier states of its block, as in sequence training.
     Needs ``carry_memory`` (an episode ending inside a block cannot be reset there)."""
     curriculum_updates: int = 0
-    """Updates over which the task's episode lengths grow linearly from a tenth of their options
-    to the options themselves (0: no curriculum); evaluation always uses the options. Tasks
-    without length options refuse it."""
+    """Updates over which the task's episode lengths grow linearly from ``curriculum_start`` of
+    their options to the options themselves (0: no curriculum); evaluation always uses the
+    options. Tasks without length options refuse it."""
     curriculum_start: float = RLTask.CURRICULUM_START
     """The fraction of the task's length options where the curriculum starts (in (0, 1])."""
     curriculum_success: float = 0.0
