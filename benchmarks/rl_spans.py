@@ -2,7 +2,8 @@
 (Corridor's cue, Instruction's instruction) against every other step's (corridor cells,
 distractors), acting greedily in fresh test environments with memory carried across episodes, as
 evaluation does, and with ``--length-bins`` the success and first-step span of the episodes by
-length (does the agent fail the episodes that outlast its cue's span?). Prints one JSON object
+length (does the agent fail the episodes that outlast its cue's span?). Episode starts are also
+split by their observation when few distinct ones occur (Corridor's cue colours). Prints one JSON object
 per checkpoint (and writes them all to ``--out``).
 
     OMP_NUM_THREADS=1 python benchmarks/rl_spans.py --checkpoints runs/corridor/checkpoints/best \\
@@ -15,7 +16,12 @@ import argparse
 import json
 from pathlib import Path
 
-from expire_span.analysis.agent_spans import agent_spans, mean_spans_by, outcomes_by_length
+from expire_span.analysis.agent_spans import (
+    agent_spans,
+    mean_spans_by,
+    outcomes_by_length,
+    start_groups,
+)
 from expire_span.training import load_checkpoint
 
 
@@ -24,11 +30,12 @@ def spans_of(path: str, steps: int, envs: int, seed: int, length_bins: list[int]
     spans = agent_spans(loaded.model, loaded.run.build_task(), steps, envs, seed=seed,
                         carry_memory=loaded.run.rl.get("carry_memory", False),
                         greedy_actions=True)
-    table = mean_spans_by(spans.spans, {"episode start": spans.episode_start,
-                                        "other steps": ~spans.episode_start})
+    groups, start_observations = start_groups(spans)
+    table = mean_spans_by(spans.spans, groups)
     record = {"checkpoint": path, "step": loaded.step, "task": loaded.run.task,
               "task_options": loaded.run.task_options, "max_span": loaded.run.model["max_span"],
-              "env_steps": steps * envs, "spans": table}
+              "env_steps": steps * envs, "spans": table,
+              "start_observations": start_observations}
     if length_bins:
         record["by_length"] = outcomes_by_length(spans, length_bins)
     return record

@@ -72,7 +72,12 @@ def test_spans_command_needs_a_text_task(tmp_path, capsys):
 
 
 def test_agent_spans_record_each_new_state_with_the_observation_that_made_it():
-    from expire_span.analysis.agent_spans import agent_spans, mean_spans_by, outcomes_by_length
+    from expire_span.analysis.agent_spans import (
+        agent_spans,
+        mean_spans_by,
+        outcomes_by_length,
+        start_groups,
+    )
     from expire_span.training import RunConfig, get_preset
 
     run = RunConfig.from_dict(get_preset("corridor-test").config)
@@ -98,6 +103,14 @@ def test_agent_spans_record_each_new_state_with_the_observation_that_made_it():
                                            expected.expand(int(chosen.sum())))
     table = mean_spans_by(record.spans, {"cue": cue, "none": cue & ~cue})
     assert set(table) == {"cue"} and table["cue"]["steps"] == int(cue.sum())
+    groups, kinds = start_groups(record)  # one group per cue colour seen
+    assert [observation[0] for observation in kinds] == sorted(
+        set(record.observations[..., 0][cue].tolist()))
+    for kind, observation in enumerate(kinds):
+        chosen = groups[f"episode start, observation {kind}"]
+        assert (chosen == (record.observations[..., 0] == observation[0])).all()
+    assert (groups["other steps"] == ~cue).all()
+    assert start_groups(record, max_kinds=len(kinds) - 1)[1] == []
     # every finished episode began at a recorded episode start (or before the recording)
     assert record.episodes
     for episode in record.episodes:

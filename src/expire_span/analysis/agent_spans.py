@@ -98,6 +98,23 @@ def outcomes_by_length(record: AgentSpans, edges: list[int]) -> list[dict]:
     return rows
 
 
+def start_groups(record: AgentSpans, max_kinds: int = 8
+                 ) -> tuple[dict[str, np.ndarray], list[list[float]]]:
+    """Step groups for :func:`mean_spans_by`: "episode start", "other steps" and, when at most
+    ``max_kinds`` distinct observations begin an episode, "episode start, observation k" for
+    each (returned too, in that order). A one-layer agent's span is a function of the
+    observation alone, so e.g. Corridor's two cue colours each get one span."""
+    starts = record.episode_start
+    groups = {"episode start": starts, "other steps": ~starts}
+    distinct = np.unique(record.observations[starts], axis=0)
+    if len(distinct) > max_kinds:
+        return groups, []
+    for kind, observation in enumerate(distinct):
+        same = (record.observations == observation).all(axis=-1)
+        groups[f"episode start, observation {kind}"] = starts & same
+    return groups, distinct.tolist()
+
+
 def mean_spans_by(spans: Tensor, groups: dict[str, np.ndarray]) -> dict[str, dict]:
     """Per group (a ``[S, B]`` bool mask of steps): its number of steps and mean span per layer
     (``spans``: ``[n_layers, S, B]``); empty groups are left out."""
