@@ -3,8 +3,8 @@
 distractors), acting greedily in fresh test environments with memory carried across episodes, as
 evaluation does, and with ``--length-bins`` the success and first-step span of the episodes by
 length (does the agent fail the episodes that outlast its cue's span?). Episode starts are also
-split by their observation when few distinct ones occur (Corridor's cue colours). Prints one JSON object
-per checkpoint (and writes them all to ``--out``).
+split by their observation when few distinct ones occur (Corridor's cue colours). Prints one
+JSON object per checkpoint (and writes them all to ``--out``).
 
     OMP_NUM_THREADS=1 python benchmarks/rl_spans.py --checkpoints runs/corridor/checkpoints/best \\
         runs/corridor --steps 3000 --out spans.json
