@@ -235,7 +235,8 @@ _PRESETS += [
 
 
 def _rl_stream_preset(name: str, description: str, task: str, task_options: dict[str, Any],
-                      model: dict[str, Any], train: dict[str, Any]) -> Preset:
+                      model: dict[str, Any], train: dict[str, Any],
+                      rl: dict[str, Any] | None = None) -> Preset:
     """A reinforcement-learning preset where forgetting is exercised: episodes whose memory need
     (one cue, one instruction, a few map edges) is far below their length, memory carried across
     episodes (``rl.carry_memory``: each environment is one stream of episodes, so old episodes'
@@ -254,7 +255,7 @@ def _rl_stream_preset(name: str, description: str, task: str, task_options: dict
                     "aux_hold_until": 0.5, "aux_ramp": 50}
     return Preset(name, description, {
         "task": task, "task_options": task_options, "model": {**shared_model, **model},
-        "train": {**shared_train, **train}, "rl": {"carry_memory": True},
+        "train": {**shared_train, **train}, "rl": {"carry_memory": True, **(rl or {})},
     })
 
 
@@ -269,6 +270,17 @@ _PRESETS += [
         # (docs/rl.md, "Feasibility"); the hold lasts up to 3/4 of the run, as a span loss
         # released before the cue is used would shrink the cue's span below the corridor
         {"steps": 800, "lr": 2e-3, "aux_hold_until": 0.75},
+    ),
+    _rl_stream_preset(
+        "corridor-far",
+        "corridor of 200-300 steps learned from short ones (a curriculum over lengths), memory "
+        "carried across episodes, L=1024, R=48, block replay: ~25 minutes on one CPU core",
+        "corridor", {"colours": 2, "min_length": 200, "max_length": 300},
+        # R = 48 and lengths whose cue window (span + R in [300, 400]) is twice the ramp: the
+        # recipe of docs/rl.md, "Stop 27"; alpha 1e-6 and a 4x span learning rate from stop 24
+        {"max_span": 1024, "ramp": 48, "alpha": 1e-6, "span_lr_scale": 4.0},
+        {"steps": 1500, "lr": 2e-3, "aux_hold_until": 0.75, "keep_checkpoints": 40},
+        {"replay_blocks": True, "curriculum_updates": 300, "curriculum_success": 0.8},
     ),
     _rl_stream_preset(
         "instruction-long",
