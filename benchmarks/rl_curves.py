@@ -9,10 +9,11 @@ draws the memory the claim allows (e.g. 0.25 x the mean corridor).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import matplotlib
+
+from expire_span.analysis.curves import read_metrics_file
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -20,8 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def validation_rows(path: Path) -> list[dict]:
     """The ``valid`` records of a metrics file, in order."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row for row in rows if row.get("split") == "valid"]
+    return [row for row in read_metrics_file(path) if row.get("split") == "valid"]
 
 
 def main() -> None:

@@ -99,7 +99,7 @@ def outcomes_by_length(record: AgentSpans, edges: list[int]) -> list[dict]:
 
 
 def start_groups(record: AgentSpans, max_kinds: int = 8
-                 ) -> tuple[dict[str, np.ndarray], list[list[float]]]:
+                 ) -> tuple[dict[str, np.ndarray], list[list[int]]]:
     """Step groups for :func:`mean_spans_by`: "episode start", "other steps" and, when at most
     ``max_kinds`` distinct observations begin an episode, "episode start, observation k" for
     each (returned too, in that order). A one-layer agent's span is a function of the

@@ -8,9 +8,16 @@ from typing import Any
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``run_dir``'s ``metrics.jsonl``."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+    return read_metrics_file(path)
+
+
+def read_metrics_file(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics file (one JSON object per line; a raw log kept under
+    docs/results is one), with the line number of any that is not JSON."""
     records = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip():
