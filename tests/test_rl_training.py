@@ -181,6 +181,34 @@ def test_a_gated_curriculum_waits_for_the_success_rate(tmp_path):
     assert trainer.curriculum_level == 1.0
 
 
+def test_a_curriculum_steps_back_after_a_failed_update_but_not_from_the_full_lengths(tmp_path):
+    run = tiny_run({"curriculum_updates": 3, "curriculum_success": 0.8,
+                    "curriculum_retreat": 0.6}, steps=1)
+    trainer = RLTrainer(run, tmp_path, progress=False)
+
+    def rollout(successes):
+        return Rollout(*([None] * 10), finished=[Episode(0, s, 3, s) for s in successes])
+
+    trainer._advance_curriculum(rollout([0.0]))  # already at the start: stays
+    assert trainer.curriculum_level == 0.0
+    trainer._advance_curriculum(rollout([1.0]))
+    trainer._advance_curriculum(rollout([1.0]))
+    assert trainer.curriculum_level == pytest.approx(2 / 3)
+    trainer._advance_curriculum(rollout([1.0, 0.0, 1.0]))  # 0.67: between the two, waits
+    assert trainer.curriculum_level == pytest.approx(2 / 3)
+    trainer._advance_curriculum(rollout([1.0, 0.0]))  # 0.5 < 0.6: one step back
+    assert trainer.curriculum_level == pytest.approx(1 / 3)
+    trainer._advance_curriculum(rollout([1.0, 1.0]))
+    trainer._advance_curriculum(rollout([1.0, 1.0]))
+    trainer._advance_curriculum(rollout([0.0]))  # the full lengths are kept
+    assert trainer.curriculum_level == 1.0
+
+
+def test_a_curriculum_cannot_retreat_above_its_advance_gate():
+    with pytest.raises(ValueError, match="curriculum_retreat"):
+        RLConfig(curriculum_success=0.5, curriculum_retreat=0.7)
+
+
 def test_a_task_without_a_curriculum_refuses_one(tmp_path):
     run = RunConfig.from_dict({**get_preset("portal-long").config, "rl": {"curriculum_updates": 5}})
     with pytest.raises(ValueError, match="no episode-length curriculum"):

@@ -175,6 +175,11 @@ class RLConfig:
     curriculum_success: float = 0.0
     """The curriculum only advances after an update whose finished training episodes succeeded
     at least this often (0: it advances every update); the lengths wait for the policy."""
+    curriculum_retreat: float = 0.0
+    """After an update whose finished training episodes succeeded less often than this, the
+    curriculum steps back one step (never below its start; 0: it never steps back): a policy
+    that lost the task at some length relearns it at shorter ones, where the memory it needs is
+    in reach again, instead of waiting at chance for the lengths it failed at."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
@@ -192,6 +197,9 @@ class RLConfig:
         if not 0 <= self.curriculum_success <= 1:
             raise ValueError(f"rl.curriculum_success must be in [0, 1], got "
                              f"{self.curriculum_success!r}")
+        if not 0 <= self.curriculum_retreat <= self.curriculum_success:
+            raise ValueError(f"rl.curriculum_retreat must be in [0, rl.curriculum_success], got "
+                             f"{self.curriculum_retreat!r}")
         if not isinstance(self.curriculum_updates, int) or self.curriculum_updates < 0:
             raise ValueError(f"rl.curriculum_updates must be an integer >= 0, got "
                              f"{self.curriculum_updates!r}")

@@ -236,13 +236,19 @@ class RLTrainer(TrainingLoop):
 
     def _advance_curriculum(self, rollout: Rollout) -> None:
         """One step of ``1 / curriculum_updates`` towards the full lengths, after a rollout whose
-        finished episodes reached ``curriculum_success`` (a rollout that finished none waits)."""
+        finished episodes reached ``curriculum_success``; one step back after one below
+        ``curriculum_retreat`` (a rollout that finished none waits). The full lengths, once
+        reached, are kept: from there the auxiliary gate takes over."""
         rl = self.rl
         if not rl.curriculum_updates or self.curriculum_level >= 1.0:
             return
         success = rollout.success_rate()
-        if success is not None and success >= rl.curriculum_success:
+        if success is None:
+            return
+        if success >= rl.curriculum_success:
             self.curriculum_advances += 1
+        elif success < rl.curriculum_retreat:
+            self.curriculum_advances = max(0, self.curriculum_advances - 1)
 
     def _observe_failures(self, step: int, rollout: Rollout) -> None:
         """Hand the auxiliary gate this rollout's failure rate (1 - the mean success of the
