@@ -8,6 +8,9 @@ optional label saying which checkpoint it is and why (e.g. ``best validation``).
 
     python benchmarks/rl_claims.py --record runs/c/test.json:runs/c/config.json:"update 950" \\
         --out docs/results/rl-claims.json
+
+With ``--append`` the entries already in ``--out`` are kept (an entry recorded again from the
+same test file is replaced), so a new run joins the record without the whole list retyped.
 """
 
 from __future__ import annotations
@@ -58,13 +61,30 @@ def gather(records: list[str]) -> dict[str, list[dict[str, Any]]]:
     return by_task
 
 
+def merged(old: dict[str, list[dict[str, Any]]],
+           new: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """``old``'s entries followed by ``new``'s, an old entry dropped where a new one comes from
+    the same test file (the same checkpoint evaluated again)."""
+    replaced = {entry["sources"][0] for entries in new.values() for entry in entries}
+    result = {task: [e for e in entries if e["sources"][0] not in replaced]
+              for task, entries in old.items()}
+    for task, entries in new.items():
+        result.setdefault(task, []).extend(entries)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--record", action="append", required=True,
                         metavar="TEST_JSON:CONFIG_JSON[:LABEL]")
     parser.add_argument("--out", required=True, help="the JSON to write")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the entries already in --out (one from the same test file is "
+                             "replaced)")
     args = parser.parse_args()
     result = gather(args.record)
+    if args.append and Path(args.out).exists():
+        result = merged(json.loads(Path(args.out).read_text()), result)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     for task, entries in result.items():
         for e in entries:

@@ -120,3 +120,19 @@ def test_rl_claims_name_the_window_of_transformer_xl_only_and_refuse_mismatches(
         other = write("other.json", {**config, "task": "instruction"})
         with pytest.raises(ValueError, match="given with a config for 'instruction'"):
             module.gather([f"{records[0]}:{other}"])
+
+
+def test_rl_claims_append_keeps_old_entries_and_replaces_a_re_recorded_checkpoint():
+    def entry(source, success):
+        return {"sources": [source, "c.json"], "success": success}
+
+    old = {"corridor": [entry("a.json", 0.5), entry("b.json", 0.6)],
+           "instruction": [entry("i.json", 0.9)]}
+    new = {"corridor": [entry("b.json", 0.7), entry("c.json", 1.0)],
+           "portal": [entry("p.json", 0.1)]}
+    with benchmark_script("rl_claims") as module:
+        result = module.merged(old, new)
+    assert {task: [(e["sources"][0], e["success"]) for e in entries]
+            for task, entries in result.items()} == {
+        "corridor": [("a.json", 0.5), ("b.json", 0.7), ("c.json", 1.0)],
+        "instruction": [("i.json", 0.9)], "portal": [("p.json", 0.1)]}
