@@ -4,8 +4,11 @@ Nothing here calls the library's forward code: it reads a :class:`MemoryTransfor
 and recomputes the model the slow, obvious way. It keeps every past hidden state of every layer
 (no cache, no pruning, no ramp columns, no fused kernels) and, per query, takes the softmax over
 all causally visible keys, multiplies it by the soft mask ``m`` and renormalises. The auxiliary
-loss is the released ramp form. What the library may do differently (delete memories, attend only
-some columns, skip work) must not change a single number beyond rounding.
+loss is the released ramp form. With ``grace`` (training), a mask entry expired less than G steps
+ago is 0 with the derivative of ``1 + r / R``: in this multiplicative form the loss's derivative
+in ``m`` at ``m = 0`` is what the library's probes must reproduce. What the library may do
+differently (delete memories, attend only some columns, skip work) must not change a single
+number beyond rounding.
 
 Architecture facts it shares with the library by definition (they are the model, not the
 method): rotary positions at absolute steps rotating the channel pairs ``(x[k], x[k + d/2])`` by
@@ -124,6 +127,10 @@ class ReferenceExpireSpan:
             mask = soft_mask(spans, age, cfg.ramp) * visible
             on_ramp = visible & (mask > 0) & (mask < 1)
             remaining = spans[:, None, :] - age[None]  # r = e - (t - i)
+            if cfg.grace:  # expired less than G steps ago: weight 0, derivative 1 in 1 + r / R
+                unit = 1 + remaining / cfg.ramp
+                probe = visible & (unit <= 0) & (unit > -cfg.grace / cfg.ramp)
+                mask = torch.where(probe, unit - unit.detach(), mask)
             aux = aux + cfg.alpha * torch.where(on_ramp, remaining + cfg.ramp, 0.0).sum() / (
                 cfg.ramp * length * batch)
 

@@ -84,3 +84,30 @@ def test_library_equals_the_naive_dense_reference(noisy, pre_norm, attention):
         torch.testing.assert_close(grads[name], want, rtol=RTOL, atol=ATOL, msg=name)
     for index in range(len(model.layers)):
         assert ref_grads[f"layers.{index}.policy.span_predictor.weight"].abs().min() > 0
+
+
+@pytest.mark.parametrize("attention", ["auto", "dense"])
+def test_grace_probes_equal_the_reference_mask_continued_below_zero(attention):
+    """``grace``: the span predictor's gradient equals that of the reference whose mask entries
+    expired less than G steps ago are 0 with the derivative of ``1 + r / R`` (the multiplicative
+    form's exact derivative at ``m = 0``). The library's probes weigh 1e-12 in its forward,
+    hence a tolerance of 1e-10 (still far below the probes' own contribution, checked)."""
+    generator = torch.Generator().manual_seed(9)
+    tokens = torch.randint(0, 13, (3, sum(CHUNKS)), generator=generator)
+    weights = torch.randn(3, sum(CHUNKS), 13, generator=generator, dtype=torch.float64)
+    grads = {}
+    for grace in (0, 6):
+        model = tiny_model("expire-span", seed=5, attention=attention, alpha=0.5, max_span=24,
+                           ramp=4, grace=grace).double().train()
+        reference_model = copy.deepcopy(model)
+        logits, aux, grads[grace], memory, _ = run_library(model, tokens, weights)
+        ref_logits, ref_aux, ref_grads = run_reference(reference_model, tokens, weights, None)
+        for got, want in zip(logits + aux, ref_logits + ref_aux, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        for name, want in ref_grads.items():
+            torch.testing.assert_close(grads[grace][name], want, rtol=1e-10, atol=1e-10,
+                                       msg=name)
+    assert int(memory.sizes.max()) < sum(CHUNKS)  # memories were still deleted
+    for index in range(2):
+        name = f"layers.{index}.policy.span_predictor.weight"
+        assert (grads[6][name] - grads[0][name]).abs().max() > 1e-3  # the probes acted

@@ -72,6 +72,12 @@ class ModelConfig:
     spans), in an optimizer group of their own: with Adam a span moves by about ``lr * L`` per
     step whatever its gradient's size. What slower and faster spans did is in
     docs/expire-span.md ("After the release") and docs/rl.md (the curriculum)."""
+    grace: int = 0
+    """G (Expire-Span, training only): steps past the end of the ramp during which an expired
+    memory is still cached and the mask's derivative is taken as if its lower clamp were open,
+    so a needed memory pushed just past its read gets a gradient back. The forward is unchanged
+    up to a weight of 1e-12 on those memories; evaluation and inference never see them. 0: off
+    (the paper's and the release's mask). See docs/expire-span.md, "A gradient past the ramp"."""
     noisy: bool = False
     """Random span shortening during training: spans clamped to u * L, u ~ U(0, 1) per block."""
     prune_expired: bool = True
@@ -141,6 +147,11 @@ class ModelConfig:
             raise ValueError(f"init_percentage must be in (0, 1), got {self.init_percentage!r}")
         if self.pre_div <= 0:
             raise ValueError(f"pre_div must be > 0, got {self.pre_div!r}")
+        if not isinstance(self.grace, int) or isinstance(self.grace, bool) or self.grace < 0:
+            raise ValueError(f"grace must be an integer >= 0, got {self.grace!r}")
+        if self.grace and self.attention == "flex":
+            raise ValueError("grace > 0 needs a bias tensor: use attention auto, sdpa or dense, "
+                             "not flex")
         if self.span_lr_scale <= 0:
             raise ValueError(f"span_lr_scale must be > 0, got {self.span_lr_scale!r}")
         if self.rope_base <= 1:

@@ -13,7 +13,7 @@ from expire_span.config import ModelConfig
 from expire_span.memory import LayerMemory, Memory
 from expire_span.model.attention import MultiHeadAttention, Rotation
 from expire_span.model.flex_attention import FlexPlan
-from expire_span.policies import BlockContext, build_policy
+from expire_span.policies import PROBE_BIAS, BlockContext, build_policy
 
 
 @dataclass
@@ -135,9 +135,9 @@ class TransformerLayer(nn.Module):
             bias, columns = decision.hide(~visible.unsqueeze(1), inputs.dtype)
             attended = self.attention(inputs[:, -queries:], steps, key_values, bias,
                                       decision.bias_grad_index, columns, rotation)
-            with torch.no_grad():  # earlier steps seen with nonzero weight (the query excluded)
+            with torch.no_grad():  # earlier steps seen with real weight (the query excluded)
                 per_row = bias.numel() // (bias.shape[0] * bias.shape[-1])  # heads x queries
-                seen = (bias > float("-inf")).sum(dim=(1, 2, 3))
+                seen = (bias > PROBE_BIAS).sum(dim=(1, 2, 3))
                 row_memory_size = seen / per_row - 1.0
                 memory_size = row_memory_size.mean()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from expire_span.config import ModelConfig
 from expire_span.policies.adaptive_span import AdaptiveSpanPolicy
-from expire_span.policies.base import BlockContext, MaskDecision, MemoryPolicy
+from expire_span.policies.base import PROBE_BIAS, BlockContext, MaskDecision, MemoryPolicy
 from expire_span.policies.compressive import CompressivePolicy
 from expire_span.policies.expire_span import ExpireSpanPolicy
 from expire_span.policies.transformer_xl import TransformerXLPolicy
@@ -43,6 +43,7 @@ __all__ = [
     "BlockContext",
     "MaskDecision",
     "MemoryPolicy",
+    "PROBE_BIAS",
     "available_policies",
     "build_policy",
     "policy_class",

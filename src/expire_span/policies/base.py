@@ -8,6 +8,7 @@ keep), attends, and then asks the policy for the memory to carry to the next blo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -25,6 +26,15 @@ Readout = Callable[[Tensor, Tensor, Tensor], Tensor]
 ``queries`` (``[B, T, D]`` raw states). Content only (no positions, no mask but ``key_valid``),
 heads concatenated before the output projection, and every parameter of the layer (normalisation,
 projections) detached: gradients reach only the inputs, never the attention's weights."""
+
+
+PROBE_WEIGHT = 1e-12
+"""The weight of a probe entry: a key the policy hides in effect (its weight is below float32's
+resolution next to any real read) but keeps in the attention so that the loss's derivative with
+respect to its mask can be measured (Expire-Span's ``grace``)."""
+PROBE_BIAS = math.log(PROBE_WEIGHT)
+"""The bias of a probe entry. A genuine ``log m`` of a float32 mask is above ``log 2^-24``, so
+a bias at or below this is not counted as attended (``memory_size``)."""
 
 
 def ramp_mask(remaining: Tensor, ramp: float) -> Tensor:

@@ -34,6 +34,8 @@ from torch import Tensor, nn
 
 from expire_span.config import ModelConfig
 from expire_span.policies.base import (
+    PROBE_BIAS,
+    PROBE_WEIGHT,
     BlockContext,
     DecodeRule,
     MaskDecision,
@@ -116,7 +118,8 @@ class ExpireSpanPolicy(MemoryPolicy):
             aux = self._aux_loss(masked_spans, mask, context.states.valid.unsqueeze(1), context)
             return MaskDecision(bias=log_mask_bias(mask).unsqueeze(1), aux_loss=aux, keep=keep)
         else:
-            bias, columns = self._constant_bias(masked_spans.detach(), context.age)
+            grace = cfg.grace if self.training else 0
+            bias, columns = self._constant_bias(masked_spans.detach(), context.age, grace)
         # Only entries on the ramp have a derivative; they lie in few key columns, so the mask
         # (and the loss) is differentiated on those columns only, the rest being constant.
         index = selected_columns(columns)  # [B, C]
@@ -125,7 +128,10 @@ class ExpireSpanPolicy(MemoryPolicy):
         mask = ramp_mask(remaining, cfg.ramp)
         column_bias = None
         if bias is not None:
-            column_bias = log_mask_bias(mask).unsqueeze(1)  # [B, 1, T, C]
+            column_bias = log_mask_bias(mask)
+            if grace:
+                column_bias = probe_expired(column_bias, remaining, cfg.ramp, grace)
+            column_bias = column_bias.unsqueeze(1)  # [B, 1, T, C]
             bias = write_columns_(bias.unsqueeze(1), index, column_bias)
         valid = context.states.valid.gather(1, index).unsqueeze(1)
         aux = self._aux_loss(masked_spans, mask, valid, context)
@@ -150,17 +156,18 @@ class ExpireSpanPolicy(MemoryPolicy):
             remaining = spans - ages.float()  # r at the first query; the last one sees r - T + 1
             return (remaining - (queries - 1) <= 1.0) & (remaining > -self.config.ramp - 1.0)
 
-    def _constant_bias(self, spans: Tensor, age: Tensor) -> tuple[Tensor, Tensor]:
+    def _constant_bias(self, spans: Tensor, age: Tensor, grace: int) -> tuple[Tensor, Tensor]:
         """``[B, T, N]`` bias, exact where the mask is 1 (0) or 0 (``-inf``), and the ``[B, N]``
         columns with an entry in between, where the mask has a derivative: ``u = 1 + r / R`` in
         ``(0, 1]`` (the clamp passes the gradient at 1), computed by :func:`ramp_mask`'s
         expression. ``u`` falls with the query's age, so a column has such an entry iff ``u > 0``
         at its first query and ``u <= 1`` at its last (for ``R >= 1``, a superset otherwise);
         every other column is one constant, 0 or ``-inf``: the bias is built from ``[B, N]``
-        values, not from ``[B, T, N]`` arithmetic."""
+        values, not from ``[B, T, N]`` arithmetic. With a ``grace`` of G steps the columns with
+        an entry in ``(-G / R, 0]`` (:func:`probe_expired`) are selected too."""
         with torch.no_grad():
             first, last = (1.0 + (spans - age[:, row]) / self.config.ramp for row in (0, -1))
-            columns = (first > 0) & (last <= 1)
+            columns = (first > -grace / self.config.ramp) & (last <= 1)
             key_bias = torch.zeros_like(first).masked_fill_(first <= 0, float("-inf"))
             bias = key_bias.unsqueeze(1).expand(age.shape).contiguous()
         return bias, columns
@@ -174,11 +181,32 @@ class ExpireSpanPolicy(MemoryPolicy):
 
 
 def _alive(config: ModelConfig, spans: Tensor, next_age: Tensor) -> Tensor:
-    """Memories of ``spans`` that a query ``next_age`` steps on can still attend."""
+    """Memories of ``spans`` that a query ``next_age`` steps on can still attend, or probe: with
+    a ``grace`` of G steps a memory is kept G steps past its ramp in every mode (so that a
+    rollout collected without gradients hands its training replay the memories to probe); it
+    is hidden (``-inf``) wherever it is not probed."""
+    reach = config.ramp + config.grace
     if not config.prune_expired:
-        return next_age < config.max_span + config.ramp
+        return next_age < config.max_span + reach
     with torch.no_grad():  # m > 0 at the next query <=> r > -R (float-safe: keeps, never drops)
-        return spans - next_age > -config.ramp
+        return spans - next_age > -reach
+
+
+def probe_expired(bias: Tensor, remaining: Tensor, ramp: int, grace: int) -> Tensor:
+    """``bias`` (``log m``) with the entries expired less than ``grace`` steps ago made probes.
+
+    The mask ``m = clamp(u, 0, 1)``, ``u = 1 + r / R``, has no derivative once ``u <= 0``: a
+    memory the span loss pushed just past the query that needs it gets no gradient back. On the
+    ramp the loss's derivative in ``u`` is ``dL/du = exp(s - lse) (dP - D)`` (the attention
+    gradient ``P (dP - D)`` divided by ``m``), which does not vanish as ``m -> 0``. A probe entry
+    (``-G / R < u <= 0``) takes the bias ``log eps`` (``eps = PROBE_WEIGHT``, 1e-12: below
+    float32's resolution next to any read) with derivative ``1 / eps`` in ``u``, so it receives
+    that same ``dL/du``, the derivative of the mask's continuation below 0: whether reopening
+    the memory would lower the loss. Only the spans learn from it."""
+    unit = 1.0 + remaining / ramp
+    probe = (unit > -grace / ramp) & (unit <= 0)
+    straight_through = PROBE_BIAS + (unit - unit.detach()) / PROBE_WEIGHT
+    return torch.where(probe, straight_through, bias)
 
 
 class SpanRule(DecodeRule):
