@@ -65,7 +65,7 @@ def test_probe_window_is_g_steps_past_the_ramp():
 def test_grace_changes_no_output_and_no_memory_count():
     """Training mode, float64: the same logits (to the probes' 1e-12 weight) and the same
     attended-memory count with and without grace, while the cache holds more (the probed
-    memories); evaluation: the same logits."""
+    memories); evaluation: the same logits and the same cache (nothing is kept for probes)."""
     generator = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, 13, (3, 56), generator=generator)
     results = {}
@@ -81,8 +81,8 @@ def test_grace_changes_no_output_and_no_memory_count():
             caches.append(int(memory.sizes.sum()))
         model.eval()
         with torch.no_grad():
-            evaluated, _ = stream(model, tokens, [8] * 7)
-        results[grace] = logits, sizes, caches, evaluated
+            evaluated, kept = stream(model, tokens, [8] * 7)
+        results[grace] = logits, sizes, caches, evaluated, kept.sizes
     for got, want in zip(results[6][0], results[0][0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     for got, want in zip(results[6][1], results[0][1], strict=True):
@@ -90,6 +90,7 @@ def test_grace_changes_no_output_and_no_memory_count():
     assert all(a >= b for a, b in zip(results[6][2], results[0][2], strict=True))
     assert sum(results[6][2]) > sum(results[0][2])
     torch.testing.assert_close(results[6][3], results[0][3], rtol=1e-12, atol=1e-12)
+    assert torch.equal(results[6][4], results[0][4])
 
 
 @pytest.mark.parametrize("bad", [{"grace": -1}, {"grace": 2.5}, {"grace": True},

@@ -267,6 +267,7 @@ def test_gate_fields_out_of_range_are_refused(field, value):
     (["--aux-hold-until", "nan"], "train.aux_hold_until must be in [0, 1]"),
     (["--aux-ramp", "-1"], "train.aux_ramp must be >= 0"),
     (["--gap", "2000", "--max-span", "1024"], "max_span L=1024 is too short for a dependency"),
+    (["--grace", "-3"], "grace must be an integer >= 0"),
 ])
 def test_cli_refuses_bad_span_settings_in_one_line(tmp_path, capsys, flags, message):
     from expire_span.cli import main
@@ -318,6 +319,7 @@ def test_span_rule_values_for_copy_cpu_by_hand():
     # K + D = 208, M = 32: R = 16, start = 1.25 * 208 + 16 + 32 = 308 of L = 512; c = sqrt(64)
     model = copy_run().model
     assert model["ramp"] == 16 and model["alpha"] == 1e-4 and model["pre_div"] == 8.0
+    assert model["grace"] == 32  # 2 R
     assert model["init_percentage"] == pytest.approx(308 / 512)
     assert model["adapt_span_init"] == model["init_percentage"]
 
@@ -326,6 +328,8 @@ def test_span_rule_yields_to_given_values_and_starts_adaptive_span_alike():
     model = copy_run(init_percentage=0.7, ramp=4).model
     assert model["init_percentage"] == 0.7 and model["adapt_span_init"] == 0.7
     assert model["ramp"] == 4 and model["pre_div"] == 8.0
+    assert model["grace"] == 8  # 2 R of the given R
+    assert copy_run(grace=0).model["grace"] == 0
 
 
 def test_span_rule_accepts_a_transformer_xl_window_below_its_starting_span():

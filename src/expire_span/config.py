@@ -76,8 +76,9 @@ class ModelConfig:
     """G (Expire-Span, training only): steps past the end of the ramp during which an expired
     memory is still cached and the mask's derivative is taken as if its lower clamp were open,
     so a needed memory pushed just past its read gets a gradient back. The forward is unchanged
-    up to a weight of 1e-12 on those memories; evaluation and inference never see them. 0: off
-    (the paper's and the release's mask). See docs/expire-span.md, "A gradient past the ramp"."""
+    up to a weight of 1e-12 on those memories; evaluation and inference neither see nor keep
+    them. 0: off (the paper's and the release's mask); the span rule sets 2 R. See
+    docs/expire-span.md, "A gradient past the ramp"."""
     noisy: bool = False
     """Random span shortening during training: spans clamped to u * L, u ~ U(0, 1) per block."""
     prune_expired: bool = True

@@ -173,19 +173,19 @@ class ExpireSpanPolicy(MemoryPolicy):
         return bias, columns
 
     def _keep(self, context: BlockContext, spans: Tensor) -> Tensor:
-        """Entries some future query can still attend (by the true, not the noisy, spans)."""
-        return _alive(self.config, spans, context.next_step - context.states.steps)
+        """Entries some future query can still attend (by the true, not the noisy, spans), and
+        in training those it may probe (``grace``)."""
+        grace = self.config.grace if self.training else 0
+        return _alive(self.config, spans, context.next_step - context.states.steps, grace)
 
     def decode_rule(self) -> DecodeRule:
         return SpanRule(self)
 
 
-def _alive(config: ModelConfig, spans: Tensor, next_age: Tensor) -> Tensor:
-    """Memories of ``spans`` that a query ``next_age`` steps on can still attend, or probe: with
-    a ``grace`` of G steps a memory is kept G steps past its ramp in every mode (so that a
-    rollout collected without gradients hands its training replay the memories to probe); it
-    is hidden (``-inf``) wherever it is not probed."""
-    reach = config.ramp + config.grace
+def _alive(config: ModelConfig, spans: Tensor, next_age: Tensor, grace: int = 0) -> Tensor:
+    """Memories of ``spans`` that a query ``next_age`` steps on can still attend, or, with a
+    ``grace`` of G steps, probe (kept G steps past the ramp, hidden wherever not probed)."""
+    reach = config.ramp + grace
     if not config.prune_expired:
         return next_age < config.max_span + reach
     with torch.no_grad():  # m > 0 at the next query <=> r > -R (float-safe: keeps, never drops)

@@ -193,9 +193,10 @@ def _rl_preset(name: str, description: str, task: str, task_options: dict[str, A
     2 heads, one step per call, so the block length only bounds L), spans starting at 0.6 L (longer
     than any episode: see docs/rl.md; Adaptive-Span starts at the same span, from the span rule),
     the auxiliary loss from the first update (no hold, as before the hold existed), PPO with the
-    default ``rl`` settings and a cosine decay."""
+    default ``rl`` settings and a cosine decay. No grace (its memories are reset every episode,
+    before any expires)."""
     shared_model = {"d_model": 32, "n_layers": 1, "n_heads": 2, "block_len": 4, "ramp": 8,
-                    "alpha": 1e-3, "init_percentage": 0.6, "pre_div": 8.0}
+                    "alpha": 1e-3, "init_percentage": 0.6, "pre_div": 8.0, "grace": 0}
     shared_train = {"steps": 300, "batch_size": 32, "seq_len": 32, "lr": 5e-4, "warmup": 0,
                     "schedule": "cosine", "adam_eps": 1e-5, "eval_every": 25, "eval_batches": 4,
                     "log_every": 10, "checkpoint_every": 50, "aux_hold": 0.0}
@@ -246,9 +247,11 @@ def _rl_stream_preset(name: str, description: str, task: str, task_options: dict
     The starting span (both Expire-Span and Adaptive-Span), alpha and the pre-division come from
     the span rule (1.25 x the task's dependency + R + M); R = 16 is set here, as the rule's M / 2
     means nothing when every call is one step (see docs/rl.md, "Memory carried across episodes").
+    No grace: on ``corridor-far`` it lifted every span to L while the span loss was held
+    (docs/expire-span.md, "A gradient past the ramp").
     """
     shared_model = {"d_model": 32, "n_layers": 1, "n_heads": 2, "block_len": 4, "ramp": 16,
-                    "span_loss": "l1", "adapt_span_loss": 1e-4}
+                    "span_loss": "l1", "adapt_span_loss": 1e-4, "grace": 0}
     shared_train = {"steps": 600, "batch_size": 32, "seq_len": 64, "lr": 5e-4, "warmup": 0,
                     "schedule": "cosine", "adam_eps": 1e-5, "eval_every": 50, "eval_batches": 4,
                     "log_every": 10, "checkpoint_every": 50, "aux_hold": 0.5,
