@@ -92,8 +92,9 @@ def measure(symbols: int, gap: int, span: int, out: Path, seed: int) -> dict[str
         "memory_over_dependency": test["memory_size"] / (symbols + gap),
         "steps": summary["steps"], "seconds": summary["train_seconds_this_session"],
         "selectivity": selectivity(run_dir),
-        "settings": {name: model[name] for name in
-                     ("ramp", "alpha", "init_percentage", "pre_div", "span_loss", "noisy")}
+        "settings": {name: model.get(name, 0) for name in
+                     ("ramp", "alpha", "init_percentage", "pre_div", "span_loss", "noisy",
+                      "grace")}
                     | {name: summary["config"]["train"][name] for name in
                        ("aux_hold", "aux_hold_until", "aux_ramp", "lr", "batch_size", "seq_len",
                         "seed")},

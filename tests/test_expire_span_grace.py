@@ -98,3 +98,45 @@ def test_grace_changes_no_output_and_no_memory_count():
 def test_bad_grace_is_refused(bad):
     with pytest.raises(ValueError, match="grace"):
         ModelConfig(vocab_size=8, d_model=8, n_heads=2, block_len=4, max_span=16, **bad)
+
+
+def span_gradients(aux_weight: float, grace: int = 6) -> dict[str, torch.Tensor]:
+    """The span predictor's gradients of a float64 training stream with the policies' weight
+    set as the trainer's gate sets it. One layer: in a stack a lower layer's probes are scaled
+    by the weight times a gradient that already holds the upper layers' probes (second order)."""
+    model = tiny_model("expire-span", seed=5, max_span=24, ramp=4, grace=grace,
+                       n_layers=1).double().train()
+    for layer in model.layers:
+        layer.policy.aux_weight = aux_weight
+    generator = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 13, (3, 56), generator=generator)
+    memory = None
+    for chunk in tokens.split(8, dim=1):
+        out = model(chunk, memory)
+        (out.logits.sum() + out.aux_loss).backward()
+        memory = out.memory
+    return {name: p.grad.clone() for name, p in model.named_parameters() if "span" in name}
+
+
+def test_probes_act_as_strongly_as_the_span_loss():
+    """The probes' share of the span gradient is proportional to the gate's weight: none while
+    the span loss is held (the run equals one without grace), half of it at weight 0.5."""
+    off, full, half, held = (span_gradients(0.0, grace=0), span_gradients(1.0),
+                             span_gradients(0.5), span_gradients(0.0))
+    for name in off:
+        probes = full[name] - off[name]
+        assert probes.abs().max() > 1e-3
+        torch.testing.assert_close(held[name], off[name], rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(half[name] - off[name], 0.5 * probes, rtol=1e-6, atol=1e-9)
+
+
+def test_the_gate_gives_its_weight_to_every_policy():
+    from expire_span.training.aux_gate import AuxiliaryGate
+
+    model = tiny_model("expire-span", grace=6)
+    gate = AuxiliaryGate(hold=0.5, release_step=10, ramp=4)
+    assert gate.apply(model, 0) == 0.0
+    assert all(layer.policy.aux_weight == 0.0 for layer in model.layers)
+    gate.opened_at = 6  # released at step 6, ramp of 4 steps
+    assert gate.apply(model, 7) == 0.5
+    assert all(layer.policy.aux_weight == 0.5 for layer in model.layers)

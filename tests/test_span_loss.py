@@ -147,7 +147,7 @@ TINY = {
     "task_options": {"symbols": 2, "gap": 6, "alphabet": 4},
     "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "block_len": 4, "max_span": 16,
               "ramp": 2, "alpha": 1.0, "init_percentage": 0.3, "span_loss": "l1",
-              "pre_div": 1.0},
+              "pre_div": 1.0, "grace": 0},
     "train": {"steps": 3, "batch_size": 3, "seq_len": 8, "lr": 1e-2, "warmup": 0,
               "eval_every": 3, "eval_batches": 1, "log_every": 1, "checkpoint_every": 3,
               "tensorboard": False},

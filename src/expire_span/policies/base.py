@@ -213,6 +213,10 @@ class MemoryPolicy(nn.Module):
     """Whether the auxiliary loss pushes memories out (a span penalty). The sequence trainer holds
     such a loss back until the task is being learned (``train.aux_hold``); a loss that teaches
     the policy to keep information (Compressive's reconstruction) acts from the first step."""
+    aux_weight: float = 1.0
+    """The weight the trainer gives the auxiliary loss at this step (its gate sets it before each
+    training forward; 1 where no trainer does): for what a policy does to counter its own loss
+    (Expire-Span's ``grace`` probes act only as strongly as the span loss does)."""
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()

@@ -118,7 +118,7 @@ class ExpireSpanPolicy(MemoryPolicy):
             aux = self._aux_loss(masked_spans, mask, context.states.valid.unsqueeze(1), context)
             return MaskDecision(bias=log_mask_bias(mask).unsqueeze(1), aux_loss=aux, keep=keep)
         else:
-            grace = cfg.grace if self.training else 0
+            grace = cfg.grace if self.training and self.aux_weight > 0 else 0
             bias, columns = self._constant_bias(masked_spans.detach(), context.age, grace)
         # Only entries on the ramp have a derivative; they lie in few key columns, so the mask
         # (and the loss) is differentiated on those columns only, the rest being constant.
@@ -130,7 +130,8 @@ class ExpireSpanPolicy(MemoryPolicy):
         if bias is not None:
             column_bias = log_mask_bias(mask)
             if grace:
-                column_bias = probe_expired(column_bias, remaining, cfg.ramp, grace)
+                column_bias = probe_expired(column_bias, remaining, cfg.ramp, grace,
+                                            self.aux_weight)
             column_bias = column_bias.unsqueeze(1)  # [B, 1, T, C]
             bias = write_columns_(bias.unsqueeze(1), index, column_bias)
         valid = context.states.valid.gather(1, index).unsqueeze(1)
@@ -192,7 +193,8 @@ def _alive(config: ModelConfig, spans: Tensor, next_age: Tensor, grace: int = 0)
         return spans - next_age > -reach
 
 
-def probe_expired(bias: Tensor, remaining: Tensor, ramp: int, grace: int) -> Tensor:
+def probe_expired(bias: Tensor, remaining: Tensor, ramp: int, grace: int,
+                  strength: float = 1.0) -> Tensor:
     """``bias`` (``log m``) with the entries expired less than ``grace`` steps ago made probes.
 
     The mask ``m = clamp(u, 0, 1)``, ``u = 1 + r / R``, has no derivative once ``u <= 0``: a
@@ -202,10 +204,12 @@ def probe_expired(bias: Tensor, remaining: Tensor, ramp: int, grace: int) -> Ten
     (``-G / R < u <= 0``) takes the bias ``log eps`` (``eps = PROBE_WEIGHT``, 1e-12: below
     float32's resolution next to any read) with derivative ``1 / eps`` in ``u``, so it receives
     that same ``dL/du``, the derivative of the mask's continuation below 0: whether reopening
-    the memory would lower the loss. Only the spans learn from it."""
+    the memory would lower the loss, times ``strength`` (the span loss's weight: the probes
+    counter what that loss overshoots; while it is held they would only lengthen every span).
+    Only the spans learn from it."""
     unit = 1.0 + remaining / ramp
     probe = (unit > -grace / ramp) & (unit <= 0)
-    straight_through = PROBE_BIAS + (unit - unit.detach()) / PROBE_WEIGHT
+    straight_through = PROBE_BIAS + (unit - unit.detach()) * (strength / PROBE_WEIGHT)
     return torch.where(probe, straight_through, bias)
 
 

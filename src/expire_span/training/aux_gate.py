@@ -55,6 +55,16 @@ class AuxiliaryGate:
         """An ``opened_at`` that gives full weight from step 0 (no hold, no ramp)."""
         return -self.ramp
 
+    def apply(self, model: nn.Module, step: int) -> float:
+        """The weight of ``step``, also given to every memory policy of ``model``
+        (``MemoryPolicy.aux_weight``) before its forward: what a policy does to counter its own
+        auxiliary loss follows that loss's weight."""
+        weight = self.scale(step)
+        for module in model.modules():
+            if isinstance(module, MemoryPolicy):
+                module.aux_weight = weight
+        return weight
+
     def scale(self, step: int) -> float:
         if self.opened_at is None:
             return 0.0

@@ -208,7 +208,7 @@ class RLTrainer(TrainingLoop):
                                   rollout.last_value, rl.gamma, rl.gae_lambda)
         if rl.normalize_advantages:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        aux_weight = self.aux_gate.scale(step)
+        aux_weight = self.aux_gate.apply(self.model, step)
         self.model.train()
         for _ in range(rl.epochs):
             logits, values, aux_loss = replay(self.model, rollout, rl.replay_blocks)

@@ -32,7 +32,7 @@ _PRESETS = [
             "model": {
                 "d_model": 64, "n_layers": 2, "n_heads": 4, "block_len": 32, "max_span": 512,
                 "adapt_span_loss": 1e-4,
-            },  # ramp, alpha, init_percentage, pre_div, adapt_span_init: from the span rule
+            },  # ramp, alpha, init_percentage, pre_div, adapt_span_init, grace: the span rule
             "train": {
                 "steps": 1000, "batch_size": 32, "seq_len": 128, "lr": 2e-3, "warmup": 50,
                 "schedule": "cosine",

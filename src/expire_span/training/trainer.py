@@ -98,7 +98,7 @@ class Trainer(TrainingLoop):
         scored_total = self.group.sum(local)
         scored = scored_total.clamp_min(1.0)
         processes = self.group.world_size
-        aux_weight = self.aux_gate.scale(step)
+        aux_weight = self.aux_gate.apply(self.model, step)
         self.optimizer.zero_grad(set_to_none=True)
         self.network.train()
         random_state = _random_state(self.device)
