@@ -78,9 +78,11 @@ def selectivity(run_dir: Path, episodes: int = 3) -> list[dict[str, float]]:
     return out
 
 
-def measure(symbols: int, gap: int, span: int, out: Path, seed: int) -> dict[str, Any]:
+def measure(symbols: int, gap: int, span: int, out: Path, seed: int,
+            grace: int = 0) -> dict[str, Any]:
+    model = {"max_span": span} | ({"grace": grace} if grace else {})
     config = merge(get_preset(PRESET).config, {
-        "task_options": {"symbols": symbols, "gap": gap}, "model": {"max_span": span},
+        "task_options": {"symbols": symbols, "gap": gap}, "model": model,
         "train": {"seed": seed}})
     run_dir = out / run_name(symbols, gap, span)
     summary = train(config, run_dir)
@@ -128,6 +130,8 @@ def main() -> None:
                         "--only with no value trains nothing and just gathers --record)")
     parser.add_argument("--seed", type=int, default=0,
                         help="training seed of every run (the recorded grid used 0)")
+    parser.add_argument("--grace", type=int, default=0,
+                        help="Expire-Span's grace G for every run (default 0, as the span rule)")
     parser.add_argument("--out", default="runs/copy-robustness")
     parser.add_argument("--record", default=None,
                         help="write every finished configuration under --out to this JSON")
@@ -137,12 +141,12 @@ def main() -> None:
                                            for item in args.only]
     out = Path(args.out)
     for symbols, gap, span in grid:
-        record = measure(symbols, gap, span, out, args.seed)
+        record = measure(symbols, gap, span, out, args.seed, args.grace)
         print(json.dumps({k: v for k, v in record.items() if k != "settings"}), flush=True)
     if args.record:
         done = [(k, d, s) for k, d, s in GRID
                 if (out / run_name(k, d, s) / "summary.json").exists()]
-        records = [measure(k, d, s, out, args.seed) for k, d, s in done]
+        records = [measure(k, d, s, out, args.seed, args.grace) for k, d, s in done]
         Path(args.record).write_text(json.dumps(records, indent=2) + "\n")
         print(f"{len(records)} configurations written to {args.record}")
         print(markdown(records))

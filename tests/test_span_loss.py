@@ -147,7 +147,7 @@ TINY = {
     "task_options": {"symbols": 2, "gap": 6, "alphabet": 4},
     "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "block_len": 4, "max_span": 16,
               "ramp": 2, "alpha": 1.0, "init_percentage": 0.3, "span_loss": "l1",
-              "pre_div": 1.0, "grace": 0},
+              "pre_div": 1.0},
     "train": {"steps": 3, "batch_size": 3, "seq_len": 8, "lr": 1e-2, "warmup": 0,
               "eval_every": 3, "eval_batches": 1, "log_every": 1, "checkpoint_every": 3,
               "tensorboard": False},
@@ -319,7 +319,6 @@ def test_span_rule_values_for_copy_cpu_by_hand():
     # K + D = 208, M = 32: R = 16, start = 1.25 * 208 + 16 + 32 = 308 of L = 512; c = sqrt(64)
     model = copy_run().model
     assert model["ramp"] == 16 and model["alpha"] == 1e-4 and model["pre_div"] == 8.0
-    assert model["grace"] == 32  # 2 R
     assert model["init_percentage"] == pytest.approx(308 / 512)
     assert model["adapt_span_init"] == model["init_percentage"]
 
@@ -328,8 +327,6 @@ def test_span_rule_yields_to_given_values_and_starts_adaptive_span_alike():
     model = copy_run(init_percentage=0.7, ramp=4).model
     assert model["init_percentage"] == 0.7 and model["adapt_span_init"] == 0.7
     assert model["ramp"] == 4 and model["pre_div"] == 8.0
-    assert model["grace"] == 8  # 2 R of the given R
-    assert copy_run(grace=0).model["grace"] == 0
 
 
 def test_span_rule_accepts_a_transformer_xl_window_below_its_starting_span():

@@ -77,8 +77,8 @@ class ModelConfig:
     memory is still cached and the mask's derivative is taken as if its lower clamp were open,
     so a needed memory pushed just past its read gets a gradient back. The forward is unchanged
     up to a weight of 1e-12 on those memories; evaluation and inference neither see nor keep
-    them. 0: off (the paper's and the release's mask); the span rule sets 2 R. See
-    docs/expire-span.md, "A gradient past the ramp"."""
+    them. 0: off (the paper's and the release's mask; the default: what it buys and costs is
+    measured in docs/expire-span.md, "A gradient past the ramp")."""
     noisy: bool = False
     """Random span shortening during training: spans clamped to u * L, u ~ U(0, 1) per block."""
     prune_expired: bool = True

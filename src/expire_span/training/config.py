@@ -302,7 +302,7 @@ class RunConfig:
             missing = [name for name in missing if name not in ("init_percentage",
                                                                  "adapt_span_init")]
         derived = span_settings(get("max_span"), get("block_len"), dependency, get("d_model"),
-                                tuple(missing), self.model.get("ramp"))
+                                tuple(missing))
         model = {**derived, **model}
         return dataclasses.replace(self, model=model)
 

@@ -32,7 +32,7 @@ _PRESETS = [
             "model": {
                 "d_model": 64, "n_layers": 2, "n_heads": 4, "block_len": 32, "max_span": 512,
                 "adapt_span_loss": 1e-4,
-            },  # ramp, alpha, init_percentage, pre_div, adapt_span_init, grace: the span rule
+            },  # ramp, alpha, init_percentage, pre_div, adapt_span_init: from the span rule
             "train": {
                 "steps": 1000, "batch_size": 32, "seq_len": 128, "lr": 2e-3, "warmup": 50,
                 "schedule": "cosine",
@@ -193,10 +193,9 @@ def _rl_preset(name: str, description: str, task: str, task_options: dict[str, A
     2 heads, one step per call, so the block length only bounds L), spans starting at 0.6 L (longer
     than any episode: see docs/rl.md; Adaptive-Span starts at the same span, from the span rule),
     the auxiliary loss from the first update (no hold, as before the hold existed), PPO with the
-    default ``rl`` settings and a cosine decay. No grace (its memories are reset every episode,
-    before any expires)."""
+    default ``rl`` settings and a cosine decay."""
     shared_model = {"d_model": 32, "n_layers": 1, "n_heads": 2, "block_len": 4, "ramp": 8,
-                    "alpha": 1e-3, "init_percentage": 0.6, "pre_div": 8.0, "grace": 0}
+                    "alpha": 1e-3, "init_percentage": 0.6, "pre_div": 8.0}
     shared_train = {"steps": 300, "batch_size": 32, "seq_len": 32, "lr": 5e-4, "warmup": 0,
                     "schedule": "cosine", "adam_eps": 1e-5, "eval_every": 25, "eval_batches": 4,
                     "log_every": 10, "checkpoint_every": 50, "aux_hold": 0.0}
@@ -247,11 +246,9 @@ def _rl_stream_preset(name: str, description: str, task: str, task_options: dict
     The starting span (both Expire-Span and Adaptive-Span), alpha and the pre-division come from
     the span rule (1.25 x the task's dependency + R + M); R = 16 is set here, as the rule's M / 2
     means nothing when every call is one step (see docs/rl.md, "Memory carried across episodes").
-    No grace: on ``corridor-far`` it lifted every span to L while the span loss was held
-    (docs/expire-span.md, "A gradient past the ramp").
     """
     shared_model = {"d_model": 32, "n_layers": 1, "n_heads": 2, "block_len": 4, "ramp": 16,
-                    "span_loss": "l1", "adapt_span_loss": 1e-4, "grace": 0}
+                    "span_loss": "l1", "adapt_span_loss": 1e-4}
     shared_train = {"steps": 600, "batch_size": 32, "seq_len": 64, "lr": 5e-4, "warmup": 0,
                     "schedule": "cosine", "adam_eps": 1e-5, "eval_every": 50, "eval_batches": 4,
                     "log_every": 10, "checkpoint_every": 50, "aux_hold": 0.5,

@@ -26,12 +26,7 @@ SPAN_POLICIES = ("expire-span", "adaptive-span")
 a starting span derived (and a too short L refused); a Transformer-XL window below the rule's
 starting span is a valid run."""
 
-GRACE_RAMPS = 2
-"""Expire-Span's grace is this many ramps: a needed memory the span loss pushed past its read
-keeps a gradient back while it is at most 2 R steps short (docs/expire-span.md, "A gradient
-past the ramp")."""
-
-DERIVED_FIELDS = ("ramp", "init_percentage", "alpha", "pre_div", "adapt_span_init", "grace")
+DERIVED_FIELDS = ("ramp", "init_percentage", "alpha", "pre_div", "adapt_span_init")
 """The ``ModelConfig`` fields :func:`span_settings` sets. ``adapt_span_init`` is always the
 starting fraction Expire-Span uses (given or derived): both start at the same span."""
 
@@ -66,14 +61,11 @@ def starting_fraction(max_span: int, block_len: int, dependency: int) -> float:
 
 
 def span_settings(max_span: int, block_len: int, dependency: int, d_model: int,
-                  fields: tuple[str, ...] = DERIVED_FIELDS,
-                  ramp: int | None = None) -> dict[str, Any]:
+                  fields: tuple[str, ...] = DERIVED_FIELDS) -> dict[str, Any]:
     """The derived values of ``fields`` (a subset of :data:`DERIVED_FIELDS`); the starting span
-    is only derived (and checked) when one of them needs it. ``ramp``: R when it is given, not
-    derived (the grace follows it)."""
-    ramp = ramp if ramp is not None else ramp_length(block_len)
-    values: dict[str, Any] = {"ramp": ramp, "alpha": ALPHA, "pre_div": math.sqrt(d_model),
-                              "grace": GRACE_RAMPS * ramp}
+    is only derived (and checked) when one of them needs it."""
+    values: dict[str, Any] = {"ramp": ramp_length(block_len), "alpha": ALPHA,
+                              "pre_div": math.sqrt(d_model)}
     if {"init_percentage", "adapt_span_init"} & set(fields):
         values["init_percentage"] = starting_fraction(max_span, block_len, dependency)
         values["adapt_span_init"] = values["init_percentage"]
