@@ -80,9 +80,9 @@ def selectivity(run_dir: Path, episodes: int = 3) -> list[dict[str, float]]:
 
 def measure(symbols: int, gap: int, span: int, out: Path, seed: int,
             grace: int = 0) -> dict[str, Any]:
-    model = {"max_span": span} | ({"grace": grace} if grace else {})
+    overrides = {"max_span": span} | ({"grace": grace} if grace else {})
     config = merge(get_preset(PRESET).config, {
-        "task_options": {"symbols": symbols, "gap": gap}, "model": model,
+        "task_options": {"symbols": symbols, "gap": gap}, "model": overrides,
         "train": {"seed": seed}})
     run_dir = out / run_name(symbols, gap, span)
     summary = train(config, run_dir)
@@ -94,7 +94,7 @@ def measure(symbols: int, gap: int, span: int, out: Path, seed: int,
         "memory_over_dependency": test["memory_size"] / (symbols + gap),
         "steps": summary["steps"], "seconds": summary["train_seconds_this_session"],
         "selectivity": selectivity(run_dir),
-        "settings": {name: model.get(name, 0) for name in
+        "settings": {name: model[name] for name in
                      ("ramp", "alpha", "init_percentage", "pre_div", "span_loss", "noisy",
                       "grace")}
                     | {name: summary["config"]["train"][name] for name in
@@ -131,7 +131,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="training seed of every run (the recorded grid used 0)")
     parser.add_argument("--grace", type=int, default=0,
-                        help="Expire-Span's grace G for every run (default 0, as the span rule)")
+                        help="Expire-Span's grace G for every run (default 0: off, as in the grid "
+                        "of record)")
     parser.add_argument("--out", default="runs/copy-robustness")
     parser.add_argument("--record", default=None,
                         help="write every finished configuration under --out to this JSON")
