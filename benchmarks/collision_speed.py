@@ -34,7 +34,7 @@ BOARDS = {  # name: options (the CPU preset's splits for the small boards)
     "16x16 (paper)": {"valid_frames": 1_000_000, "test_frames": 1_000_000},
     "16x16, simple variant": {"variant": "simple", "valid_frames": 1_000_000,
                               "test_frames": 1_000_000},
-    "4x4, 2 colours (object-collision-cpu)": {"grid": 4, "colours": 2, "valid_frames": 20_000,
+    "4x4, 2 colours (object-collision-2colours)": {"grid": 4, "colours": 2, "valid_frames": 20_000,
                                               "test_frames": 50_000, "simulation_frames": 10_000},
     "8x8, simple variant (the earlier CPU preset)": {
         "variant": "simple", "grid": 8, "valid_frames": 20_000, "test_frames": 20_000,

@@ -84,7 +84,6 @@ _PRESETS = [
 ]
 
 
-
 def _text_cpu(task: str, description: str, task_options: dict[str, Any]) -> Preset:
     """The small character / byte language model shared by the CPU presets of text tasks."""
     return Preset(
@@ -104,6 +103,28 @@ def _text_cpu(task: str, description: str, task_options: dict[str, Any]) -> Pres
             },
         },
     )
+
+
+def _collision_cpu(name: str, description: str, colours: int, init_percentage: float,
+                   schedule: str) -> Preset:
+    """An Object Collision board at CPU scale (the release's generator on 4x4, 2M training
+    frames; 3 layers, d=64, M=64, L=1024; 1500 steps of 16 x 256 tokens)."""
+    return Preset(name, description, {
+        "task": "object-collision",
+        "task_options": {
+            "variant": "release", "grid": 4, "colours": colours, "train_frames": 2_000_000,
+            "valid_frames": 20_000, "test_frames": 50_000, "simulation_frames": 10_000,
+        },
+        "model": {
+            "d_model": 64, "n_layers": 3, "n_heads": 4, "block_len": 64, "max_span": 1024,
+            "ramp": 32, "alpha": 2e-6, "init_percentage": init_percentage, "pre_div": 8.0,
+        },
+        "train": {
+            "steps": 1500, "batch_size": 16, "seq_len": 256, "lr": 2e-3, "warmup": 50,
+            "schedule": schedule, "eval_every": 500, "eval_batch_size": 8, "log_every": 50,
+            "checkpoint_every": 500,
+        },
+    })
 
 
 def _collision_gpu(span: int, noisy: bool) -> Preset:
@@ -159,27 +180,19 @@ _PRESETS += [
             },
         },
     ),
-    Preset(
+    _collision_cpu(
         "object-collision-cpu",
-        "object collision (the release's generator) on a 4x4 board with 2 colours, L=1024: half "
-        "the answers lie more than 287 tokens back, a fifth beyond 1024; about 20 minutes on a "
-        "CPU core",
-        {
-            "task": "object-collision",
-            "task_options": {
-                "variant": "release", "grid": 4, "colours": 2, "train_frames": 2_000_000,
-                "valid_frames": 20_000, "test_frames": 50_000, "simulation_frames": 10_000,
-            },
-            "model": {
-                "d_model": 64, "n_layers": 3, "n_heads": 4, "block_len": 64, "max_span": 1024,
-                "ramp": 32, "alpha": 2e-6, "init_percentage": 0.5, "pre_div": 8.0,
-            },
-            "train": {
-                "steps": 1500, "batch_size": 16, "seq_len": 256, "lr": 2e-3, "warmup": 50,
-                "eval_every": 500, "eval_batch_size": 8, "log_every": 50,
-                "checkpoint_every": 500,
-            },
-        },
+        "object collision (the release's generator) on a 4x4 board with one colour, L=1024, "
+        "spans starting at 32 steps, cosine schedule: a third of the answers lie more than 160 "
+        "tokens back; about 10 minutes on a CPU core",
+        colours=1, init_percentage=32 / 1024, schedule="cosine",
+    ),
+    _collision_cpu(
+        "object-collision-2colours",
+        "object collision on a 4x4 board with 2 colours, L=1024 (the CPU preset of stops 19-25): "
+        "half the answers lie more than 287 tokens back, a fifth beyond 1024; no model learned "
+        "retrieval beyond ~256 tokens on it in ~20 CPU minutes",
+        colours=2, init_percentage=0.5, schedule="constant",
     ),
     _collision_gpu(16384, noisy=False),
     _collision_gpu(32768, noisy=False),
