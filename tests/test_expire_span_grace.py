@@ -130,6 +130,27 @@ def test_probes_act_as_strongly_as_the_span_loss():
         torch.testing.assert_close(half[name] - off[name], 0.5 * probes, rtol=1e-6, atol=1e-9)
 
 
+def test_held_keeps_nothing_for_probes():
+    """While the span loss is held the run is the one without grace, bit for bit: the same
+    logits and the same cache (no probed memories kept, which would reorder sums)."""
+    generator = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 13, (3, 56), generator=generator)
+    runs = {}
+    for grace in (0, 6):
+        model = tiny_model("expire-span", seed=5, max_span=24, ramp=4, grace=grace).train()
+        for layer in model.layers:
+            layer.policy.aux_weight = 0.0
+        memory, outputs = None, []
+        for chunk in tokens.split(8, dim=1):
+            out = model(chunk, memory)
+            memory = out.memory
+            outputs.append((out.logits.detach(), memory.sizes.clone()))
+        runs[grace] = outputs
+    for (logits, sizes), (want_logits, want_sizes) in zip(runs[6], runs[0], strict=True):
+        assert torch.equal(sizes, want_sizes)
+        assert torch.equal(logits, want_logits)
+
+
 def test_the_gate_gives_its_weight_to_every_policy():
     from expire_span.training.aux_gate import AuxiliaryGate
 

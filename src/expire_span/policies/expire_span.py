@@ -118,7 +118,7 @@ class ExpireSpanPolicy(MemoryPolicy):
             aux = self._aux_loss(masked_spans, mask, context.states.valid.unsqueeze(1), context)
             return MaskDecision(bias=log_mask_bias(mask).unsqueeze(1), aux_loss=aux, keep=keep)
         else:
-            grace = cfg.grace if self.training and self.aux_weight > 0 else 0
+            grace = self._grace()
             bias, columns = self._constant_bias(masked_spans.detach(), context.age, grace)
         # Only entries on the ramp have a derivative; they lie in few key columns, so the mask
         # (and the loss) is differentiated on those columns only, the rest being constant.
@@ -173,11 +173,16 @@ class ExpireSpanPolicy(MemoryPolicy):
             bias = key_bias.unsqueeze(1).expand(age.shape).contiguous()
         return bias, columns
 
+    def _grace(self) -> int:
+        """The grace in effect: probes only in training and only while the span loss acts (held,
+        nothing is probed or kept for probes, so the run is the one without grace)."""
+        return self.config.grace if self.training and self.aux_weight > 0 else 0
+
     def _keep(self, context: BlockContext, spans: Tensor) -> Tensor:
         """Entries some future query can still attend (by the true, not the noisy, spans), and
-        in training those it may probe (``grace``)."""
-        grace = self.config.grace if self.training else 0
-        return _alive(self.config, spans, context.next_step - context.states.steps, grace)
+        those it may probe (:meth:`_grace`)."""
+        return _alive(self.config, spans, context.next_step - context.states.steps,
+                      self._grace())
 
     def decode_rule(self) -> DecodeRule:
         return SpanRule(self)
