@@ -176,6 +176,26 @@ def test_portal_trials_goals_and_rewards_on_a_scripted_episode():
     assert info["success"] == 1.0  # the oracle always takes a shortest path
 
 
+def test_portal_goal_visible_shows_the_goal_at_every_step_and_changes_nothing_else():
+    hidden, visible = PortalEnv(rooms=4, portals=3, episode_steps=40), \
+        PortalEnv(rooms=4, portals=3, episode_steps=40, goal_visible=True)
+    first_hidden, _ = hidden.reset(seed=7)
+    first_visible, _ = visible.reset(seed=7)
+    np.testing.assert_array_equal(first_hidden, first_visible)
+    rng = np.random.default_rng(0)
+    shown_later = 0
+    for _ in range(40):
+        action = int(rng.integers(3))
+        obs_h, reward_h, done_h, _, info_h = hidden.step(action)
+        obs_v, reward_v, done_v, _, info_v = visible.step(action)
+        np.testing.assert_array_equal(obs_h[:2], obs_v[:2])  # same map, same walk
+        assert (reward_h, done_h, info_h) == (reward_v, done_v, info_v)
+        assert int(obs_v[2]) == visible.goal  # always the current goal
+        assert int(obs_h[2]) == (hidden.goal if reward_h else 4)
+        shown_later += int(not reward_v)
+    assert shown_later > 0  # steps inside a trial, where only the visible goal differs
+
+
 def test_portal_success_counts_shortest_paths_only():
     env = PortalEnv(rooms=4, portals=2, episode_steps=200)
     env.reset(seed=0)
@@ -452,7 +472,22 @@ def test_decision_steps_and_dependency_lengths():
     (CorridorEnv, {"min_length": 200, "max_length": 100}, "corridor: need 1 <= min_length"),
     (InstructionEnv, {"max_delay": 20.0}, "instruction: max_delay must be an integer"),
     (PortalEnv, {"episode_steps": "128"}, "portal: episode_steps must be an integer"),
+    (PortalEnv, {"goal_visible": 1}, "portal: goal_visible must be true or false"),
 ])
 def test_non_integer_and_bad_lengths_are_refused(cls, options, message):
     with pytest.raises(ValueError, match=message):
         cls(**options)
+
+
+def test_scripted_portal_baselines_order_by_the_map_they_remember():
+    """benchmarks/portal_baselines.py: the references the learned agents are judged against."""
+    from tests.helpers import benchmark_script
+
+    with benchmark_script("portal_baselines") as module:
+        options = {"rooms": 4, "portals": 3, "episode_steps": 32}
+        goals = {name: module.evaluate(policy, 40, **options)
+                 for name, policy in module.POLICIES.items()}
+    assert goals["oracle"]["success"] == 1.0
+    assert (goals["random"]["goals"] < goals["direct"]["goals"]
+            < goals["direct-explore"]["goals"] < goals["oracle"]["goals"])
+    assert goals["direct"]["goals"] > 1.5 * goals["random"]["goals"]  # the claim is reachable

@@ -5,15 +5,17 @@
   follows a random cycle through all the rooms (so every room can reach every other), the other
   portals lead to uniformly random other rooms.
 - An episode is ``episode_steps`` steps long and holds as many trials as the agent completes: a
-  trial shows a goal room (in the trial's first observation only); reaching it gives reward 1 and
-  starts the next trial at once, with a new goal, from the room the agent is in.
+  trial shows a goal room (in the trial's first observation only, or in every one of its
+  observations with ``goal_visible``); reaching it gives reward 1 and starts the next trial at
+  once, with a new goal, from the room the agent is in.
 - The faster the agent reaches goals, the more trials fit in the episode and the more reward it
   collects. Nothing in an observation reveals the map, so only an agent that remembers where the
   portals it took led (in this episode: the map changes every episode) can take shortest paths.
 
 Observation: ``[room, previous room, goal]``: the room the agent is in, the room it came from
-(``R`` at the start of an episode) and the goal (``R`` except at the start of a trial). Each
-observation together with the previous action thus records one edge of the map.
+(``R`` at the start of an episode) and the goal (``R`` except at the start of a trial, unless
+``goal_visible``). Each observation together with the previous action thus records one edge of
+the map. With ``goal_visible`` the only thing to remember is the map; without it, also the goal.
 
 ``info["success"]`` at the end of an episode is the fraction of its completed trials that took a
 shortest path (0 when none was completed); ``info["trials"]`` counts them.
@@ -38,9 +40,14 @@ class PortalOptions:
     """P: portals per room (the actions)."""
     episode_steps: int = 48
     """Steps per episode: how long the map must be remembered."""
+    goal_visible: bool = False
+    """Show the goal in every observation of its trial (False: in the trial's first only)."""
 
     def __post_init__(self) -> None:
         check_ints("portal", self, "rooms", "portals", "episode_steps")
+        if not isinstance(self.goal_visible, bool):
+            raise ValueError(f"portal: goal_visible must be true or false, got "
+                             f"{self.goal_visible!r}")
         if self.rooms < 2:
             raise ValueError(f"portal: rooms must be >= 2, got {self.rooms}")
         if self.portals < 1:
@@ -115,13 +122,13 @@ class PortalEnv(SymbolicEnv):
         self.room = int(self.destinations[previous, action])
         self.steps += 1
         self.trial_steps += 1
-        reward, shown_goal = 0.0, self.none
+        reward, new_trial = 0.0, False
         if self.room == self.goal:
-            reward = 1.0
+            reward, new_trial = 1.0, True
             self.completed += 1
             self.optimal += int(self.trial_steps == self.trial_distance)
             self._new_trial()
-            shown_goal = self.goal
+        shown_goal = self.goal if new_trial or self.options.goal_visible else self.none
         terminated = self.steps >= self.options.episode_steps
         info: dict[str, Any] = {}
         if terminated:
@@ -135,6 +142,9 @@ class PortalTask(RLTask):
     Options = PortalOptions
     env_class = PortalEnv
     env_id = "expire_span/Portal-v0"
+    primary_metric = "mean_return"
+    """Goals reached per episode: what the map is for (``success_rate``, the share of trials
+    that took a shortest path, is 1.0 for an agent that completes one trial well)."""
 
     options: PortalOptions
 
