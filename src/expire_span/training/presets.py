@@ -106,9 +106,9 @@ def _text_cpu(task: str, description: str, task_options: dict[str, Any]) -> Pres
 
 
 def _collision_cpu(name: str, description: str, colours: int, init_percentage: float,
-                   schedule: str) -> Preset:
+                   schedule: str, steps: int) -> Preset:
     """An Object Collision board at CPU scale (the release's generator on 4x4, 2M training
-    frames; 3 layers, d=64, M=64, L=1024; 1500 steps of 16 x 256 tokens)."""
+    frames; 3 layers, d=64, M=64, L=1024; ``steps`` steps of 16 x 256 tokens)."""
     return Preset(name, description, {
         "task": "object-collision",
         "task_options": {
@@ -120,7 +120,7 @@ def _collision_cpu(name: str, description: str, colours: int, init_percentage: f
             "ramp": 32, "alpha": 2e-6, "init_percentage": init_percentage, "pre_div": 8.0,
         },
         "train": {
-            "steps": 1500, "batch_size": 16, "seq_len": 256, "lr": 2e-3, "warmup": 50,
+            "steps": steps, "batch_size": 16, "seq_len": 256, "lr": 2e-3, "warmup": 50,
             "schedule": schedule, "eval_every": 500, "eval_batch_size": 8, "log_every": 50,
             "checkpoint_every": 500,
         },
@@ -183,16 +183,16 @@ _PRESETS += [
     _collision_cpu(
         "object-collision-cpu",
         "object collision (the release's generator) on a 4x4 board with one colour, L=1024, "
-        "spans starting at 32 steps, cosine schedule: a third of the answers lie more than 160 "
-        "tokens back; about 10 minutes on a CPU core",
-        colours=1, init_percentage=32 / 1024, schedule="cosine",
+        "spans starting at 32 steps, cosine schedule, 3000 steps: a third of the answers lie "
+        "more than 160 tokens back; about 20 minutes on a CPU core",
+        colours=1, init_percentage=32 / 1024, schedule="cosine", steps=3000,
     ),
     _collision_cpu(
         "object-collision-2colours",
         "object collision on a 4x4 board with 2 colours, L=1024 (the CPU preset of stops 19-25): "
         "half the answers lie more than 287 tokens back, a fifth beyond 1024; no model learned "
         "retrieval beyond ~256 tokens on it in ~20 CPU minutes",
-        colours=2, init_percentage=0.5, schedule="constant",
+        colours=2, init_percentage=0.5, schedule="constant", steps=1500,
     ),
     _collision_gpu(16384, noisy=False),
     _collision_gpu(32768, noisy=False),
