@@ -31,24 +31,28 @@ def random_portal(env: PortalEnv, edges: Edges, rng: np.random.Generator) -> int
     return int(rng.integers(env.options.portals))
 
 
+def _known_direct(env: PortalEnv, edges: Edges) -> int | None:
+    """A portal taken before from this room that led straight to the goal, if any."""
+    return next((portal for portal in range(env.options.portals)
+                 if edges.get((env.room, portal)) == env.goal), None)
+
+
 def direct(env: PortalEnv, edges: Edges, rng: np.random.Generator) -> int:
-    for portal in range(env.options.portals):
-        if edges.get((env.room, portal)) == env.goal:
-            return portal
-    return random_portal(env, edges, rng)
+    known = _known_direct(env, edges)
+    return known if known is not None else random_portal(env, edges, rng)
 
 
 def direct_explore(env: PortalEnv, edges: Edges, rng: np.random.Generator) -> int:
-    for portal in range(env.options.portals):
-        if edges.get((env.room, portal)) == env.goal:
-            return portal
+    known = _known_direct(env, edges)
+    if known is not None:
+        return known
     untried = [p for p in range(env.options.portals) if (env.room, p) not in edges]
     return int(rng.choice(untried)) if untried else random_portal(env, edges, rng)
 
 
 def oracle(env: PortalEnv, edges: Edges, rng: np.random.Generator) -> int:
     distance = shortest_distances(env.destinations)
-    return int(np.argmin([distance[target, env.goal] for target in env.destinations[env.room]]))
+    return int(np.argmin(distance[env.destinations[env.room], env.goal]))
 
 
 POLICIES: dict[str, Policy] = {"random": random_portal, "direct": direct,
@@ -67,8 +71,8 @@ def evaluate(policy: Policy, episodes: int, **options: int) -> dict[str, float]:
         while not terminated:
             room = env.room
             portal = policy(env, edges, rng)
-            _, reward, terminated, _, info = env.step(portal)
-            edges[(room, portal)] = int(env.destinations[room, portal])
+            observation, reward, terminated, _, info = env.step(portal)
+            edges[(room, portal)] = int(observation[0])  # the room it led to, as observed
             total += reward
         goals.append(total)
         success.append(info["success"])
