@@ -2,13 +2,16 @@
 
 ``train``: one training step (forward, backward, Adam, memory full) of Expire-Span at controlled
 retention and of the Transformer-XL whose window is its average memory size, split into forward,
-backward and optimizer time, plus the time inside the policy's ``decide``. ``decode``: tensor
+backward and optimizer time, plus the time inside the policy's ``decide``; with ``--by-function``,
+also the time of every tensor operation by the package function that issued it (the backward
+of autograd's own functions under "(outside the package)"). ``decode``: tensor
 operations per generated token (counted with a ``TorchDispatchMode``), by source line, and the
 module calls per token. ``compile``: one layer's feed-forward (with its norm and residual) at the
 decoding shape ``[1, 1, d]``, eager against ``torch.compile`` (inductor), CPU microseconds per
 call: whether compiling removes the per-operation overhead that dominates a decoded token.
 
     OMP_NUM_THREADS=1 python benchmarks/profile_costs.py train --span 1024 --retention 0.25
+    OMP_NUM_THREADS=1 python benchmarks/profile_costs.py train --span 1024 --retention 0.05 --by-function
     OMP_NUM_THREADS=1 python benchmarks/profile_costs.py decode --memory transformer-xl
     OMP_NUM_THREADS=1 python benchmarks/profile_costs.py compile
 """
@@ -67,7 +70,32 @@ def training_step(memory: str, span: int, retention: float | None, timers: dict[
     return step, sizes
 
 
-def profile_training(span: int, retention: float, steps: int) -> None:
+def issuer(by_line: bool = True) -> str:
+    """The package file and line (or function) whose code issued the tensor operation being
+    dispatched."""
+    ours = [f for f in traceback.extract_stack() if "/expire_span/" in f.filename]
+    if not ours:
+        return "(outside the package)"
+    name = ours[-1].filename.split("expire_span/")[-1]
+    return f"{name}:{ours[-1].lineno}" if by_line else f"{name} {ours[-1].name}"
+
+
+class TimeByFunction(TorchDispatchMode):
+    """Adds each tensor operation's CPU time to ``totals[package function that issued it]``."""
+
+    def __init__(self, totals: collections.Counter[str]) -> None:
+        super().__init__()
+        self.totals = totals
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        where = issuer(by_line=False)
+        started = time.process_time()
+        result = func(*args, **(kwargs or {}))
+        self.totals[where] += time.process_time() - started
+        return result
+
+
+def profile_training(span: int, retention: float, steps: int, by_function: bool = False) -> None:
     timers = {"es": collections.Counter(), "xl": collections.Counter()}
     decide = MemoryPolicy.__subclasses__()
     originals = {cls: cls.decide for cls in decide}
@@ -101,6 +129,20 @@ def profile_training(span: int, retention: float, steps: int) -> None:
         parts = {k: round(1000 * v / steps, 1) for k, v in timers[key].items()}
         total = parts["forward"] + parts["backward"] + parts["optimizer"]
         print(f"  {name}: total {total:.1f} {parts}")
+    if not by_function:
+        return
+    files = {"es": collections.Counter(), "xl": collections.Counter()}
+    for _ in range(steps):
+        for key, step in (("es", es), ("xl", xl)):
+            with TimeByFunction(files[key]):
+                step()
+    print("CPU ms per step inside tensor operations, by the function that issued them "
+          "(expire-span / transformer-xl):")
+    for where in sorted(set(files["es"]) | set(files["xl"])):
+        print(f"  {where}: {1000 * files['es'][where] / steps:.1f} / "
+              f"{1000 * files['xl'][where] / steps:.1f}")
+    print(f"  total: {1000 * sum(files['es'].values()) / steps:.1f} / "
+          f"{1000 * sum(files['xl'].values()) / steps:.1f}")
 
 
 def count_decode_ops(memory: str, tokens: int) -> None:
@@ -113,10 +155,7 @@ def count_decode_ops(memory: str, tokens: int) -> None:
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            ours = [f for f in traceback.extract_stack() if "/expire_span/" in f.filename]
-            where = (f"{ours[-1].filename.split('expire_span/')[-1]}:{ours[-1].lineno}"
-                     if ours else "(outside the package)")
-            counts[where] += 1
+            counts[issuer()] += 1
             return func(*args, **(kwargs or {}))
 
     modules: collections.Counter[str] = collections.Counter()
@@ -165,6 +204,8 @@ def main() -> None:
     train.add_argument("--span", type=int, default=1024)
     train.add_argument("--retention", type=float, default=0.25)
     train.add_argument("--steps", type=int, default=10)
+    train.add_argument("--by-function", action="store_true",
+                       help="also time tensor operations by the package function issuing them")
     decode = sub.add_parser("decode")
     decode.add_argument("--memory", default="transformer-xl")
     decode.add_argument("--tokens", type=int, default=20)
@@ -172,7 +213,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.what == "train":
-        profile_training(args.span, args.retention, args.steps)
+        profile_training(args.span, args.retention, args.steps, args.by_function)
     elif args.what == "decode":
         count_decode_ops(args.memory, args.tokens)
     else:

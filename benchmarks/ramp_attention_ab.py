@@ -1,13 +1,17 @@
-"""A/B of Expire-Span's training step on CPU: mask and bias gradient on ramp columns only (new)
-vs the policy's ``decide`` of an earlier commit (old: a full differentiable mask, SDPA's math
-path), each against a Transformer-XL with as many keys (window = Expire-Span's measured average
-memory size), as in ``expire-span bench``. Run it from the repository (it reads the old code with
-``git show``).
+"""A/B of Expire-Span's training step on CPU: today's code (new) vs one piece of it as it was at
+an earlier commit (old), each against a Transformer-XL with as many keys (window = Expire-Span's
+measured average memory size), as in ``expire-span bench``. The piece: ``--part decide`` (the
+policy's mask; at the default ``--old`` a full differentiable mask on SDPA's math path, before
+the bias gradient moved to the ramp columns) or ``--part column-grad`` (the fused attention's
+ramp-column gradient, ``model/ramp_attention.py``). Run it from the repository (it reads the old
+code with ``git show``).
 
 All cases run in this one process, alternating old / new / XL for ``--rounds`` rounds; the report
 gives the median over rounds of each case's median step time, and the ratios of these medians.
 
     OMP_NUM_THREADS=1 python benchmarks/ramp_attention_ab.py --cases 16384:0.25 16384:0.05 4096:0.25
+    OMP_NUM_THREADS=1 python benchmarks/ramp_attention_ab.py --part column-grad --old dc462df \
+        --cases 1024:0.05 1024:0.25 4096:0.05
 """
 
 from __future__ import annotations
@@ -20,23 +24,33 @@ from collections.abc import Callable
 from unittest import mock
 
 from expire_span.benchmarking import BenchConfig, Case, measure
+from expire_span.model import ramp_attention
 from expire_span.policies.expire_span import ExpireSpanPolicy
 
+PARTS = {
+    "decide": ("src/expire_span/policies/expire_span.py", ExpireSpanPolicy, "decide",
+               lambda module: module.ExpireSpanPolicy.decide),
+    "column-grad": ("src/expire_span/model/ramp_attention.py", ramp_attention, "_column_grad",
+                    lambda module: module._column_grad),
+}
+"""``--part``: the file it is read from, where it is patched in, and how to find it there."""
 
-def old_decide(revision: str) -> Callable:
-    """``ExpireSpanPolicy.decide`` as it was at ``revision``."""
-    path = "src/expire_span/policies/expire_span.py"
+
+def old_part(part: str, revision: str) -> Callable:
+    """The ``part`` as it was at ``revision``."""
+    path, _, _, find = PARTS[part]
     source = subprocess.run(["git", "show", f"{revision}:{path}"], check=True,
                             capture_output=True, text=True).stdout
-    module = types.ModuleType("old_expire_span")
+    module = types.ModuleType(f"old_{part.replace('-', '_')}")
     exec(compile(source, path, "exec"), module.__dict__)
-    return module.ExpireSpanPolicy.decide
+    return find(module)
 
 
-def step_ms(bench: BenchConfig, case: Case, decide: Callable | None = None) -> dict:
-    if decide is None:
+def step_ms(bench: BenchConfig, case: Case, part: str, old: Callable | None = None) -> dict:
+    if old is None:
         return measure(bench, case)
-    with mock.patch.object(ExpireSpanPolicy, "decide", decide):
+    _, owner, name, _ = PARTS[part]
+    with mock.patch.object(owner, name, old):
         return measure(bench, case)
 
 
@@ -46,20 +60,22 @@ def main() -> None:
                         help="L:retention")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--old", default="0cf4ddc", help="git revision of the old policy")
+    parser.add_argument("--part", choices=sorted(PARTS), default="decide",
+                        help="what the old revision supplies")
+    parser.add_argument("--old", default="0cf4ddc", help="git revision of the old code")
     args = parser.parse_args()
-    old_policy = old_decide(args.old)
+    old_code = old_part(args.part, args.old)
     bench = BenchConfig(steps=args.steps)
     for spec in args.cases:
         span, retention = int(spec.split(":")[0]), float(spec.split(":")[1])
         es = Case(f"expire-span r={retention:g}", "expire-span", span, retention)
-        window = max(bench.block_len, round(step_ms(bench, es)["memory_size"]))
+        window = max(bench.block_len, round(step_ms(bench, es, args.part)["memory_size"]))
         xl = Case("transformer-xl matched", "transformer-xl", window)
         times: dict[str, list[float]] = {"old": [], "new": [], "xl": []}
         for _ in range(args.rounds):
-            times["old"].append(step_ms(bench, es, old_policy)["ms_per_batch"])
-            times["new"].append(step_ms(bench, es)["ms_per_batch"])
-            times["xl"].append(step_ms(bench, xl)["ms_per_batch"])
+            times["old"].append(step_ms(bench, es, args.part, old_code)["ms_per_batch"])
+            times["new"].append(step_ms(bench, es, args.part)["ms_per_batch"])
+            times["xl"].append(step_ms(bench, xl, args.part)["ms_per_batch"])
         old, new, base = (statistics.median(times[key]) for key in ("old", "new", "xl"))
         print(f"L={span} r={retention:g} XL window={window}: ms/step old {old:.1f}, new {new:.1f}, "
               f"XL {base:.1f}; ES/XL old {old / base:.2f}x, new {new / base:.2f}x; "

@@ -16,6 +16,7 @@ promise).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -67,7 +68,11 @@ def _column_grad(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, index: Tensor, o
     v_c = v.transpose(1, 2).gather(1, rows).transpose(1, 2)
     by_entry = index[:, None, None, :].expand(-1, bias.shape[1], bias.shape[2], -1)
     scores = torch.matmul(q * head_dim**-0.5, k_c.transpose(-1, -2))  # [B, H, T, C]
-    probs = scores.add_(bias.gather(3, by_entry)).sub_(lse.unsqueeze(-1)).exp_()
+    # exp takes a slow path (2-35x) at -inf (hidden keys) and where its result is subnormal, so
+    # the exponent is floored: a probability below ~3e-38 (float32) becomes ~3e-38, which no sum
+    # with a real probability can hold, and hidden entries' gradients are dropped downstream.
+    floor = math.log(torch.finfo(scores.dtype).tiny) + 1.0
+    probs = scores.add_(bias.gather(3, by_entry)).sub_(lse.unsqueeze(-1)).clamp_min_(floor).exp_()
     delta = (grad_out * out).sum(dim=-1, keepdim=True)  # [B, H, T, 1]
     grad_c = torch.matmul(grad_out, v_c.transpose(-1, -2)).sub_(delta).mul_(probs)
     if bias.shape[1] == 1 and heads > 1:
