@@ -11,7 +11,11 @@ gives the median over rounds of each case's median step time, and the ratios of 
 
     OMP_NUM_THREADS=1 python benchmarks/ramp_attention_ab.py --cases 16384:0.25 16384:0.05 4096:0.25
     OMP_NUM_THREADS=1 python benchmarks/ramp_attention_ab.py --part column-grad --old dc462df \
-        --cases 1024:0.05 1024:0.25 4096:0.05
+        --cases 1024:0.05 1024:0.25 4096:0.05 --batch-size 16 --calls 40
+
+With ``--part column-grad --calls N`` it also times the two column gradients alone, alternating,
+N calls at a time, on the arguments of the case's last training step (a measurement the step
+times' noise on a shared machine cannot hide).
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
+import time
 import types
 from collections.abc import Callable
 from unittest import mock
+
+import torch
 
 from expire_span.benchmarking import BenchConfig, Case, measure
 from expire_span.model import ramp_attention
@@ -54,6 +61,31 @@ def step_ms(bench: BenchConfig, case: Case, part: str, old: Callable | None = No
         return measure(bench, case)
 
 
+def column_grad_ms(bench: BenchConfig, case: Case, old: Callable, calls: int,
+                   rounds: int) -> tuple[float, float]:
+    """Median CPU ms per call of the ``old`` and today's column gradient, alternating, on the
+    arguments of the case's last training step (checked to agree)."""
+    today = ramp_attention._column_grad
+    last: list[tuple] = []
+
+    def capture(*args):
+        last[:] = [args]
+        return today(*args)
+
+    with mock.patch.object(ramp_attention, "_column_grad", capture):
+        measure(bench, case)
+    args = last[0]
+    torch.testing.assert_close(old(*args), today(*args))
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    for _ in range(rounds):
+        for key, function in (("old", old), ("new", today)):
+            started = time.process_time()
+            for _ in range(calls):
+                function(*args)
+            times[key].append(1000 * (time.process_time() - started) / calls)
+    return statistics.median(times["old"]), statistics.median(times["new"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["16384:0.25", "16384:0.05", "4096:0.25"],
@@ -63,9 +95,15 @@ def main() -> None:
     parser.add_argument("--part", choices=sorted(PARTS), default="decide",
                         help="what the old revision supplies")
     parser.add_argument("--old", default="0cf4ddc", help="git revision of the old code")
+    parser.add_argument("--batch-size", type=int, default=BenchConfig.batch_size)
+    parser.add_argument("--calls", type=int, default=0,
+                        help="with --part column-grad: also time the function alone, this many "
+                        "calls per round")
     args = parser.parse_args()
+    if args.calls and args.part != "column-grad":
+        parser.error("--calls times the column gradient: use it with --part column-grad")
     old_code = old_part(args.part, args.old)
-    bench = BenchConfig(steps=args.steps)
+    bench = BenchConfig(steps=args.steps, batch_size=args.batch_size)
     for spec in args.cases:
         span, retention = int(spec.split(":")[0]), float(spec.split(":")[1])
         es = Case(f"expire-span r={retention:g}", "expire-span", span, retention)
@@ -80,6 +118,10 @@ def main() -> None:
         print(f"L={span} r={retention:g} XL window={window}: ms/step old {old:.1f}, new {new:.1f}, "
               f"XL {base:.1f}; ES/XL old {old / base:.2f}x, new {new / base:.2f}x; "
               f"new/old {new / old:.2f}  (rounds: {times})", flush=True)
+        if args.calls:
+            old, new = column_grad_ms(bench, es, old_code, args.calls, args.rounds)
+            print(f"  column gradient alone: ms/call old {old:.2f}, new {new:.2f}, "
+                  f"new/old {new / old:.2f}", flush=True)
 
 
 if __name__ == "__main__":

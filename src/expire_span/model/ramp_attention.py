@@ -59,13 +59,12 @@ class RampBiasAttention(torch.autograd.Function):
 def _column_grad(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, index: Tensor, out: Tensor,
                  lse: Tensor, grad_out: Tensor) -> Tensor:
     """``P * (dP - D)`` on the columns ``index`` (``[B, C]``): ``[B, 1 or H, T, C]``, summed
-    over the heads a one-head bias is broadcast to. Keys are gathered as whole rows of the
+    over the heads a one-head bias is broadcast to. Keys are picked as whole rows of the
     ``[B, N, H, d]`` layout they were projected in, and every ``[B, H, T, C]`` step but the
     first works in place."""
-    batch, heads, _, head_dim = q.shape
-    rows = index[:, :, None, None].expand(-1, -1, heads, head_dim)
-    k_c = k.transpose(1, 2).gather(1, rows).transpose(1, 2)  # [B, H, C, d]
-    v_c = v.transpose(1, 2).gather(1, rows).transpose(1, 2)
+    batch, heads, keys, head_dim = k.shape
+    rows = (index + torch.arange(batch, device=index.device).unsqueeze(1) * keys).flatten()
+    k_c, v_c = _key_rows(k, rows), _key_rows(v, rows)  # [B, H, C, d]
     by_entry = index[:, None, None, :].expand(-1, bias.shape[1], bias.shape[2], -1)
     scores = torch.matmul(q * head_dim**-0.5, k_c.transpose(-1, -2))  # [B, H, T, C]
     # exp takes a slow path (2-35x) at -inf (hidden keys) and where its result is subnormal, so
@@ -78,6 +77,15 @@ def _column_grad(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, index: Tensor, o
     if bias.shape[1] == 1 and heads > 1:
         grad_c = grad_c.sum(dim=1, keepdim=True)
     return grad_c
+
+
+def _key_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """The ``rows`` (``[B * C]``, numbered in ``[B * N]``) of ``x`` (``[B, H, N, d]``, a view of
+    the ``[B, N, H * d]`` projection) as ``[B, H, C, d]``: one ``index_select`` of whole rows,
+    ~10x faster than a ``gather`` with per-element indices."""
+    batch, heads, keys, head_dim = x.shape
+    picked = x.transpose(1, 2).reshape(batch * keys, heads * head_dim).index_select(0, rows)
+    return picked.view(batch, -1, heads, head_dim).transpose(1, 2)
 
 
 def ramp_bias_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, index: Tensor,
