@@ -79,8 +79,9 @@ def selectivity(run_dir: Path, episodes: int = 3) -> list[dict[str, float]]:
 
 
 def measure(symbols: int, gap: int, span: int, out: Path, seed: int,
-            grace: int = 0) -> dict[str, Any]:
-    overrides = {"max_span": span} | ({"grace": grace} if grace else {})
+            grace: int = 0, alpha: float | None = None) -> dict[str, Any]:
+    overrides = ({"max_span": span} | ({"grace": grace} if grace else {})
+                 | ({"alpha": alpha} if alpha is not None else {}))
     config = merge(get_preset(PRESET).config, {
         "task_options": {"symbols": symbols, "gap": gap}, "model": overrides,
         "train": {"seed": seed}})
@@ -133,6 +134,8 @@ def main() -> None:
     parser.add_argument("--grace", type=int, default=0,
                         help="Expire-Span's grace G for every run (default 0: off, as in the grid "
                         "of record)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="Expire-Span's alpha for every run (default: the span rule's)")
     parser.add_argument("--out", default="runs/copy-robustness")
     parser.add_argument("--record", default=None,
                         help="write every finished configuration under --out to this JSON")
@@ -142,12 +145,12 @@ def main() -> None:
                                            for item in args.only]
     out = Path(args.out)
     for symbols, gap, span in grid:
-        record = measure(symbols, gap, span, out, args.seed, args.grace)
+        record = measure(symbols, gap, span, out, args.seed, args.grace, args.alpha)
         print(json.dumps({k: v for k, v in record.items() if k != "settings"}), flush=True)
     if args.record:
         done = [(k, d, s) for k, d, s in GRID
                 if (out / run_name(k, d, s) / "summary.json").exists()]
-        records = [measure(k, d, s, out, args.seed, args.grace) for k, d, s in done]
+        records = [measure(k, d, s, out, args.seed, args.grace, args.alpha) for k, d, s in done]
         Path(args.record).write_text(json.dumps(records, indent=2) + "\n")
         print(f"{len(records)} configurations written to {args.record}")
         print(markdown(records))
