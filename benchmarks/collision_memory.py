@@ -12,7 +12,9 @@ beyond it (a lower bound for a model with that window).
 With ``--checkpoints``, it evaluates trained models instead (each on its own run's board): every
 test simulation read as one stream from an empty memory, the answer at each labelled frame's last
 token, and the error by the distance of the answer (``--windows`` are the bin edges) beside the
-oracle's, which shows how far back a model really reads, whatever its overall error.
+oracle's, which shows how far back a model really reads, whatever its overall error; for an
+Expire-Span model also the median and 90th percentile of the spans it gives the tokens of the
+split's first simulation, per layer (how far each layer's memory grew).
 
     python benchmarks/collision_memory.py --preset object-collision-cpu
     python benchmarks/collision_memory.py --preset object-collision-16k --set test_frames=1000000
@@ -31,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from expire_span.analysis.spans import token_spans
 from expire_span.tasks import build_task
 from expire_span.tasks.object_collision import ObjectCollisionTask, quadrant
 from expire_span.training import get_preset, load_checkpoint
@@ -100,6 +103,18 @@ def model_answers(model: Any, task: ObjectCollisionTask, split: str,
     return np.concatenate(answers)
 
 
+def span_quantiles(model: Any, task: ObjectCollisionTask, split: str,
+                   tokens: int = 8192) -> list[dict[str, float]]:
+    """Per layer: the median and 90th percentile of the spans of the first ``tokens`` tokens of
+    the split's first simulation (read from an empty memory)."""
+    documents, width = task.documents(split), task.options.frame_tokens
+    frames = min(task.simulation_lengths(split)[0], tokens // width)
+    stream = torch.as_tensor(np.asarray(documents.tokens[:frames * width]).astype(np.int64))
+    spans = token_spans(model, stream)  # [layers, T]
+    return [{"layer": layer, "median": float(row.median()), "p90": float(row.quantile(0.9))}
+            for layer, row in enumerate(spans)]
+
+
 def errors_by_distance(label: np.ndarray, distance: np.ndarray, answer: np.ndarray,
                        edges: list[int]) -> list[dict[str, Any]]:
     """Per distance bin ``(edges[i-1], edges[i]]`` (the first from 0, the last open): the share
@@ -135,13 +150,20 @@ def evaluate_checkpoints(paths: list[str], splits: list[str], edges: list[int]
             answer = model_answers(model, task, split)
             rows = errors_by_distance(stats["label"], stats["distance"], answer, edges)
             error = float(np.mean(answer != stats["label"]))
-            records.append({"run": path, "model": loaded.run.model["memory"],
-                            "max_span": loaded.run.model["max_span"], "split": split,
-                            "error": error, "bins": rows})
+            record = {"run": path, "model": loaded.run.model["memory"],
+                      "max_span": loaded.run.model["max_span"], "split": split,
+                      "error": error, "bins": rows}
             cells = [path, split, f"{error:.1%}"] + [
                 f"{r['share']:.0%}, {r['error']:.1%} / {r['constant_error']:.1%}"
                 if r["error"] is not None else "-" for r in rows]
             print("| " + " | ".join(cells) + " |", flush=True)
+            if record["model"] == "expire-span":
+                record["spans"] = span_quantiles(model, task, split)
+            records.append(record)
+    for record in records:
+        if "spans" in record:
+            print(f"{record['run']} ({record['split']}): spans by layer, median / p90: "
+                  + ", ".join(f"{q['median']:.0f} / {q['p90']:.0f}" for q in record["spans"]))
     return records
 
 

@@ -121,3 +121,18 @@ def test_a_real_model_on_its_own_board(collision_memory, tmp_path):
     assert sum(r["share"] for r in record["bins"]) == pytest.approx(1.0)
     assert record["error"] == pytest.approx(
         sum(r["share"] * r["error"] for r in record["bins"] if r["error"] is not None))
+
+
+def test_span_quantiles_of_a_fresh_model_are_its_starting_span(collision_memory):
+    """A fresh Expire-Span model gives every token the span p L (w = 0): each layer's median and
+    90th percentile are exactly that, read from the split's first simulation."""
+    from expire_span import MemoryTransformer, ModelConfig
+
+    task = build_task("object-collision", BOARD)
+    model = MemoryTransformer(ModelConfig(vocab_size=task.vocab_size, d_model=16, n_layers=2,
+                                          n_heads=2, block_len=8, max_span=64, ramp=4,
+                                          init_percentage=0.25)).eval()
+    quantiles = collision_memory.span_quantiles(model, task, "valid", tokens=200)
+    assert [q["layer"] for q in quantiles] == [0, 1]
+    for q in quantiles:
+        assert q["median"] == pytest.approx(16.0) and q["p90"] == pytest.approx(16.0)
