@@ -131,18 +131,18 @@ def profile_training(span: int, retention: float, steps: int, by_function: bool 
         print(f"  {name}: total {total:.1f} {parts}")
     if not by_function:
         return
-    files = {"es": collections.Counter(), "xl": collections.Counter()}
+    functions = {"es": collections.Counter(), "xl": collections.Counter()}
     for _ in range(steps):
         for key, step in (("es", es), ("xl", xl)):
-            with TimeByFunction(files[key]):
+            with TimeByFunction(functions[key]):
                 step()
     print("CPU ms per step inside tensor operations, by the function that issued them "
           "(expire-span / transformer-xl):")
-    for where in sorted(set(files["es"]) | set(files["xl"])):
-        print(f"  {where}: {1000 * files['es'][where] / steps:.1f} / "
-              f"{1000 * files['xl'][where] / steps:.1f}")
-    print(f"  total: {1000 * sum(files['es'].values()) / steps:.1f} / "
-          f"{1000 * sum(files['xl'].values()) / steps:.1f}")
+    for where in sorted(set(functions["es"]) | set(functions["xl"])):
+        print(f"  {where}: {1000 * functions['es'][where] / steps:.1f} / "
+              f"{1000 * functions['xl'][where] / steps:.1f}")
+    print(f"  total: {1000 * sum(functions['es'].values()) / steps:.1f} / "
+          f"{1000 * sum(functions['xl'].values()) / steps:.1f}")
 
 
 def count_decode_ops(memory: str, tokens: int) -> None:
