@@ -33,6 +33,7 @@ def claim(test: dict[str, Any], config: dict[str, Any], label: str | None) -> di
         "model": test["model"],
         "label": label,
         "success": metrics["success_rate"],
+        "mean_return": metrics.get("mean_return"),  # Portal's measure: goals per episode
         "memory_at_decision": metrics["memory_at_decision"],
         "avg_memory_size": metrics["memory_size"],
         "mean_episode_length": metrics["mean_length"],
