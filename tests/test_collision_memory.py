@@ -123,16 +123,26 @@ def test_a_real_model_on_its_own_board(collision_memory, tmp_path):
         sum(r["share"] * r["error"] for r in record["bins"] if r["error"] is not None))
 
 
-def test_span_quantiles_of_a_fresh_model_are_its_starting_span(collision_memory):
-    """A fresh Expire-Span model gives every token the span p L (w = 0): each layer's median and
-    90th percentile are exactly that, read from the split's first simulation."""
-    from expire_span import MemoryTransformer, ModelConfig
-
+def test_span_quantiles_read_the_first_simulation_and_summarise_each_layer(collision_memory,
+                                                                         monkeypatch):
+    """The spans are taken over the split's first whole frames (``tokens // width`` of them), and
+    each layer gets its own median and 90th percentile: with
+    layer spans 0..n-1 and 100..100+n-1, hand-computed values."""
     task = build_task("object-collision", BOARD)
-    model = MemoryTransformer(ModelConfig(vocab_size=task.vocab_size, d_model=16, n_layers=2,
-                                          n_heads=2, block_len=8, max_span=64, ramp=4,
-                                          init_percentage=0.25)).eval()
-    quantiles = collision_memory.span_quantiles(model, task, "valid", tokens=200)
-    assert [q["layer"] for q in quantiles] == [0, 1]
-    for q in quantiles:
-        assert q["median"] == pytest.approx(16.0) and q["p90"] == pytest.approx(16.0)
+    width = task.options.frame_tokens
+    seen = []
+
+    def fake_spans(model, tokens):
+        seen.append(tokens)
+        n = tokens.numel()
+        return torch.stack([torch.arange(n, dtype=torch.float32),
+                            100 + torch.arange(n, dtype=torch.float32)])
+
+    monkeypatch.setattr(collision_memory, "token_spans", fake_spans)
+    quantiles = collision_memory.span_quantiles(None, task, "valid", tokens=10 * width + 3)
+    first = np.asarray(task.documents("valid").tokens[:10 * width]).astype(np.int64)
+    assert seen[0].tolist() == first.tolist()
+    n = 10 * width  # 80 tokens: median (lower middle) 39, 90th percentile 0.9 * 79 = 71.1
+    assert n == 80
+    assert quantiles == [{"layer": 0, "median": 39.0, "p90": pytest.approx(71.1)},
+                         {"layer": 1, "median": 139.0, "p90": pytest.approx(171.1)}]
