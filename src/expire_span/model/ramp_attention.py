@@ -67,7 +67,7 @@ def _column_grad(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, index: Tensor, o
     k_c, v_c = _key_rows(k, rows), _key_rows(v, rows)  # [B, H, C, d]
     by_entry = index[:, None, None, :].expand(-1, bias.shape[1], bias.shape[2], -1)
     scores = torch.matmul(q * head_dim**-0.5, k_c.transpose(-1, -2))  # [B, H, T, C]
-    # exp takes a slow path (2-35x) at -inf (hidden keys) and where its result is subnormal, so
+    # exp takes a slow path at -inf (hidden keys) and where its result is subnormal, so
     # the exponent is floored: a probability below ~3e-38 (float32) becomes ~3e-38, which no sum
     # with a real probability can hold, and hidden entries' gradients are dropped downstream.
     floor = math.log(torch.finfo(scores.dtype).tiny) + 1.0
@@ -82,7 +82,7 @@ def _column_grad(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, index: Tensor, o
 def _key_rows(x: Tensor, rows: Tensor) -> Tensor:
     """The ``rows`` (``[B * C]``, numbered in ``[B * N]``) of ``x`` (``[B, H, N, d]``, a view of
     the ``[B, N, H * d]`` projection) as ``[B, H, C, d]``: one ``index_select`` of whole rows,
-    ~10x faster than a ``gather`` with per-element indices."""
+    much faster than a ``gather`` with per-element indices."""
     batch, heads, keys, head_dim = x.shape
     picked = x.transpose(1, 2).reshape(batch * keys, heads * head_dim).index_select(0, rows)
     return picked.view(batch, -1, heads, head_dim).transpose(1, 2)
